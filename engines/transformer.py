@@ -1,0 +1,278 @@
+"""The Kontext transformer at token level: the engine contract of DESIGN.md.
+
+    img [B, N, in], img_ids [B, N, 3], txt [B, T, context], txt_ids [B, T, 3],
+    timesteps [B] (sigma in 0..1), y [B, vec], guidance [B]  ->  [B, N, out]
+
+The same cut as ComfyUI's `Flux.forward_orig` and BFL's TensorRT transformer: patchify, the
+reference-latent packing and unpatchify stay with the caller. Module and parameter names are
+BFL's, so a BFL or ComfyUI state dict loads by its own keys (see `state_dict.py`).
+
+Written after BFL's reference `flux/modules/layers.py` and `flux/model.py`; the differences are
+deliberate: attention is its own module (`Attention`) so a quantizer can wrap exactly the
+QK^T / softmax / PV core, and the forward has no branch on tensor values, so it traces and
+exports as one graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import KontextConfig
+from .contract import check_inputs
+
+
+# ---------------------------------------------------------------- embeddings
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of a [B] float tensor, cos first (BFL's order), in float32."""
+    t = time_factor * t.float()
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
+    """Rotation matrices [B, L, dim/2, 2, 2] for positions [B, L] on one axis, in float32."""
+    # omega = theta^(-2i/dim); computed from a float32 arange so the exported graph holds no float64.
+    scale = torch.arange(0, dim, 2, dtype=torch.float32, device=pos.device) / dim
+    omega = 1.0 / (theta ** scale)
+    angles = pos.float()[..., None] * omega  # [B, L, dim/2]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2))
+
+
+class EmbedND(nn.Module):
+    """Multi-axis RoPE: ids [B, L, n_axes] -> pe [B, 1, L, head_dim/2, 2, 2]."""
+
+    def __init__(self, theta: int, axes_dim: tuple[int, ...]):
+        super().__init__()
+        self.theta = theta
+        self.axes_dim = tuple(axes_dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        emb = torch.cat([rope(ids[..., i], d, self.theta) for i, d in enumerate(self.axes_dim)], dim=-3)
+        return emb.unsqueeze(1)
+
+
+def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
+    """Rotate consecutive pairs of x [B, H, L, D] by pe, in float32; returns x's dtype."""
+    x_ = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    out = pe[..., 0] * x_[..., 0] + pe[..., 1] * x_[..., 1]
+    return out.reshape(*x.shape).type_as(x)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, dtype=None, device=None):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=True, dtype=dtype, device=device)
+        self.silu = nn.SiLU()
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=True, dtype=dtype, device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(self.silu(self.in_layer(x)))
+
+
+# ---------------------------------------------------------------- attention
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, dtype=None, device=None):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_dtype = x.dtype
+        x = x.float()
+        rrms = torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + 1e-6)
+        return (x * rrms).to(x_dtype) * self.scale.to(x_dtype)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int, dtype=None, device=None):
+        super().__init__()
+        self.query_norm = RMSNorm(dim, dtype=dtype, device=device)
+        self.key_norm = RMSNorm(dim, dtype=dtype, device=device)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class Attention(nn.Module):
+    """softmax(Q K^T / sqrt(D)) V for q, k, v [B, H, L, D] (RoPE already applied) -> [B, L, H*D].
+
+    Every block routes its attention core through one of these and nothing else, so the
+    quantization recipes can replace exactly BMM1 (QK^T), softmax and BMM2 (P x V) here.
+    """
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        x = F.scaled_dot_product_attention(q, k, v)
+        return x.transpose(1, 2).flatten(2)
+
+
+class SelfAttention(nn.Module):
+    """The per-stream projections of a double block (BFL names: qkv, norm, proj)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, dtype=None, device=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, dtype=dtype, device=device)
+        self.norm = QKNorm(dim // num_heads, dtype=dtype, device=device)
+        self.proj = nn.Linear(dim, dim, dtype=dtype, device=device)
+
+    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, L, dim] -> normed q, k and v, each [B, H, L, D]."""
+        qkv = self.qkv(x)
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+# ---------------------------------------------------------------- blocks
+
+class Modulation(nn.Module):
+    """vec [B, dim] -> `multiplier` tensors [B, 1, dim]: (shift, scale, gate) once or twice."""
+
+    def __init__(self, dim: int, double: bool, dtype=None, device=None):
+        super().__init__()
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=True, dtype=dtype, device=device)
+
+    def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
+        return self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+
+
+def layer_norm(x: Tensor) -> Tensor:
+    # BFL's norms here have no affine parameters (elementwise_affine=False), hence no module.
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+class DoubleStreamBlock(nn.Module):
+    """Image and text streams, each with its own weights, attending jointly (text first)."""
+
+    def __init__(self, cfg: KontextConfig, dtype=None, device=None):
+        super().__init__()
+        hidden, mlp_hidden = cfg.hidden_size, cfg.mlp_hidden_dim
+        kw = dict(dtype=dtype, device=device)
+        self.img_mod = Modulation(hidden, double=True, **kw)
+        self.img_attn = SelfAttention(hidden, cfg.num_heads, cfg.qkv_bias, **kw)
+        self.img_mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden, **kw), nn.GELU(approximate="tanh"),
+                                     nn.Linear(mlp_hidden, hidden, **kw))
+        self.txt_mod = Modulation(hidden, double=True, **kw)
+        self.txt_attn = SelfAttention(hidden, cfg.num_heads, cfg.qkv_bias, **kw)
+        self.txt_mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden, **kw), nn.GELU(approximate="tanh"),
+                                     nn.Linear(mlp_hidden, hidden, **kw))
+        self.attention = Attention()
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+
+        img_q, img_k, img_v = self.img_attn.split_heads(modulate(layer_norm(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
+
+        q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
+        k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
+        v = torch.cat((txt_v, img_v), dim=2)
+        attn = self.attention(q, k, v)
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+
+        img = img + img_gate1 * self.img_attn.proj(img_attn)
+        img = img + img_gate2 * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
+        txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over [txt, img]: qkv and MLP-in in one GEMM (linear1), attn-out and MLP-out in another (linear2)."""
+
+    def __init__(self, cfg: KontextConfig, dtype=None, device=None):
+        super().__init__()
+        hidden, mlp_hidden = cfg.hidden_size, cfg.mlp_hidden_dim
+        kw = dict(dtype=dtype, device=device)
+        self.num_heads = cfg.num_heads
+        self.hidden_size = hidden
+        self.mlp_hidden_dim = mlp_hidden
+        self.linear1 = nn.Linear(hidden, hidden * 3 + mlp_hidden, **kw)
+        self.linear2 = nn.Linear(hidden + mlp_hidden, hidden, **kw)
+        self.norm = QKNorm(cfg.head_dim, **kw)
+        self.mlp_act = nn.GELU(approximate="tanh")
+        self.modulation = Modulation(hidden, double=False, **kw)
+        self.attention = Attention()
+
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+        shift, scale, gate = self.modulation(vec)
+        qkv, mlp = torch.split(self.linear1(modulate(layer_norm(x), shift, scale)),
+                               [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = self.norm(q, k, v)
+        attn = self.attention(apply_rope(q, pe), apply_rope(k, pe), v)
+        return x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_channels: int, dtype=None, device=None):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, out_channels, bias=True, dtype=dtype, device=device)
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+# ---------------------------------------------------------------- the model
+
+class KontextTransformer(nn.Module):
+    def __init__(self, config: KontextConfig, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        kw = dict(dtype=dtype, device=device)
+        self.pe_embedder = EmbedND(config.theta, config.axes_dim)
+        self.img_in = nn.Linear(config.in_channels, hidden, bias=True, **kw)
+        self.time_in = MLPEmbedder(256, hidden, **kw)
+        self.vector_in = MLPEmbedder(config.vec_in_dim, hidden, **kw)
+        self.guidance_in = MLPEmbedder(256, hidden, **kw) if config.guidance_embed else None
+        self.txt_in = nn.Linear(config.context_in_dim, hidden, **kw)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config, **kw) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(config, **kw) for _ in range(config.depth_single_blocks))
+        self.final_layer = LastLayer(hidden, config.out_channels, **kw)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.weight.dtype
+
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor,
+                timesteps: Tensor, y: Tensor, guidance: Tensor) -> Tensor:
+        if not _is_tracing():
+            check_inputs(self.config, img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        dtype = self.dtype
+        img = self.img_in(img.to(dtype))
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        vec = vec + self.vector_in(y.to(dtype))
+        txt = self.txt_in(txt.to(dtype))
+
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, pe)
+
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = block(x, vec, pe)
+        return self.final_layer(x[:, txt.shape[1]:], vec)
+
+
+def _is_tracing() -> bool:
+    # Input checks compare shapes in Python; under export they would pin the dynamic axes.
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()

@@ -1,0 +1,9 @@
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The pack is imported two ways: by ComfyUI as a package named after its folder, and here, where
+# `engines` (relative imports only) is imported from the repository root. pytest runs with
+# --import-mode=importlib so it never imports the root __init__.py, which needs ComfyUI.
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
