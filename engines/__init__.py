@@ -2,6 +2,8 @@
 
 Imports with neither ComfyUI nor CUDA; `nodes/` is the thin ComfyUI glue over this package.
 """
+__version__ = "0.1.0"  # the pack version, as in pyproject.toml
+
 from .config import KONTEXT_DEV, KontextConfig, tiny_config
 from .contract import INPUT_NAMES, OUTPUT_NAME, KontextInputError, check_inputs
 from .state_dict import (NotKontextError, config_from_state_dict, random_state_dict, strip_prefix,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import tiny_config
+from .sampling import euler_edit
 from .state_dict import random_state_dict, transformer_from_state_dict
 from .tokens import example_inputs, tokens_for_pixels
 
@@ -36,34 +37,28 @@ def load_transformer(checkpoint: str | None, device: str, dtype: torch.dtype):
     return transformer_from_state_dict(sd), "embedded tiny random-weight Kontext (no checkpoint given)"
 
 
-def flux_sigmas(steps: int, n_tokens: int) -> torch.Tensor:
-    """Flux's resolution-shifted schedule (BFL `get_schedule`: mu linear in the token count)."""
-    mu = 0.5 + (1.15 - 0.5) * (n_tokens - 256) / (4096 - 256)
-    t = torch.linspace(1, 0, steps + 1)
-    return torch.where(t > 0, torch.exp(torch.tensor(mu)) / (torch.exp(torch.tensor(mu)) + (1 / t.clamp_min(1e-9) - 1)), t)
-
-
 @torch.no_grad()
 def run_edit(model, size: int, steps: int, seed: int, device: str) -> dict:
     cfg = model.config
     grid = tokens_for_pixels(size, size)
-    x = example_inputs(cfg, batch=1, target=grid, references=[grid], n_txt=64 if cfg.context_in_dim < 4096 else 512,
-                       seed=seed, dtype=model.dtype, device=device)
+    n_txt = 64 if cfg.context_in_dim < 4096 else 512
+    x = example_inputs(cfg, batch=1, target=grid, references=[grid], n_txt=n_txt, seed=seed,
+                       dtype=model.dtype, device=device)
     n_target = grid[0] * grid[1]
-    reference = x["img"][:, n_target:].clone()  # stands for the encoded source image
-    latent = torch.randn(1, n_target, cfg.in_channels, generator=torch.Generator().manual_seed(seed + 1)).to(device, model.dtype)
-    sigmas = flux_sigmas(steps, n_target)
+    reference = x["img"][:, n_target:]  # stands for the encoded source image
     times = []
-    for i in range(steps):
+
+    def timed_model(*args):
         start = time.perf_counter()
-        x["img"] = torch.cat([latent, reference], dim=1)
-        x["timesteps"] = sigmas[i:i + 1].to(device)
-        velocity = model(**x)[:, :n_target]
-        latent = latent + (sigmas[i + 1] - sigmas[i]).item() * velocity
+        out = model(*args)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return dict(tokens=dict(target=n_target, reference=reference.shape[1], text=x["txt"].shape[1]),
+        return out
+
+    latent = euler_edit(timed_model, x["txt"], x["txt_ids"], x["y"], reference, x["img_ids"], n_target,
+                        steps, guidance=2.5, seed=seed + 1)
+    return dict(tokens=dict(target=n_target, reference=reference.shape[1], text=n_txt),
                 steps=steps, ms_per_step_median=1000 * sorted(times)[len(times) // 2],
                 first_step_ms=1000 * times[0], output_mean=latent.float().mean().item(),
                 output_std=latent.float().std().item(), finite=bool(torch.isfinite(latent).all()))

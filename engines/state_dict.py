@@ -99,22 +99,23 @@ def transformer_from_state_dict(sd: Mapping[str, Tensor], config: KontextConfig 
     return model.eval().requires_grad_(False)
 
 
-def random_state_dict(config: KontextConfig, seed: int = 0, dtype=torch.float32) -> dict[str, Tensor]:
+def random_state_dict(config: KontextConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> dict[str, Tensor]:
     """Random BFL-keyed weights at the scale trained weights have (unit-ish activations).
 
     Linear weights ~ N(0, 1/fan_in) so each layer keeps activations O(1); RMSNorm scales near 1;
     biases small. Used by tests, the demo and the benchmarks when no checkpoint is given.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in KontextTransformer(config).state_dict().items()}
     sd = {}
     for name, shape in shapes.items():
+        t = torch.randn(shape, generator=g, device=device)
         if name.endswith(".scale"):
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+            t = 1.0 + 0.1 * t
         elif name.endswith(".bias"):
-            t = 0.02 * torch.randn(shape, generator=g)
+            t = 0.02 * t
         else:
-            t = torch.randn(shape, generator=g) / shape[1] ** 0.5
+            t = t / shape[1] ** 0.5
         sd[name] = t.to(dtype)
     return sd

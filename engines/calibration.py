@@ -1,0 +1,242 @@
+"""Calibration data: prompt / conditioning-image pairs, and the forward loop ModelOpt calibrates with.
+
+A calibration set is either a folder of `<name>.png` (or .jpg/.jpeg/.webp) + `<name>.txt` pairs, or
+a JSON file listing `{"image": path, "prompt": text}` (paths relative to the JSON file). The pack
+ships no image files: `write_default_calibration_set` draws its default set with Pillow.
+
+Encoding a pair needs the text encoders and the VAE; inside ComfyUI the build node does that with
+the user's CLIP and VAE and hands `EncodedPair`s here. Outside ComfyUI (tests, the full-size
+accuracy run on random weights) `StandInEncoder` turns pixels and prompts into tensors of the right
+shapes deterministically; it is not a text encoder or a VAE and says so in its name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import KontextConfig
+from .sampling import euler_edit
+from .tokens import edit_ids, tokens_for_pixels
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class CalibrationSetError(ValueError):
+    """A calibration set that cannot be read as pairs."""
+
+
+class CalibrationCancelled(RuntimeError):
+    """The user cancelled calibration between samples."""
+
+
+@dataclass(frozen=True)
+class CalibrationPair:
+    name: str
+    image: Path
+    prompt: str
+
+
+def read_calibration_set(source: str | Path) -> list[CalibrationPair]:
+    source = Path(source)
+    if source.is_dir():
+        pairs = []
+        images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for image in images:
+            text = image.with_suffix(".txt")
+            if not text.is_file():
+                raise CalibrationSetError(f"calibration set {source}: image {image.name} has no prompt file {text.name}")
+            pairs.append(CalibrationPair(image.stem, image, _prompt(text.read_text(), f"{source}/{text.name}")))
+    elif source.suffix == ".json" and source.is_file():
+        try:
+            entries = json.loads(source.read_text())
+        except json.JSONDecodeError as e:
+            raise CalibrationSetError(f"calibration set {source}: not valid JSON ({e})") from e
+        if not isinstance(entries, list):
+            raise CalibrationSetError(f"calibration set {source}: expected a JSON list of "
+                                      f'{{"image": ..., "prompt": ...}}, got {type(entries).__name__}')
+        pairs = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not {"image", "prompt"} <= set(entry):
+                raise CalibrationSetError(f"calibration set {source}: entry {i} needs 'image' and 'prompt', got {entry!r}")
+            image = (source.parent / entry["image"]).resolve()
+            if not image.is_file():
+                raise CalibrationSetError(f"calibration set {source}: entry {i} image {entry['image']!r} does not exist")
+            pairs.append(CalibrationPair(image.stem, image, _prompt(entry["prompt"], f"{source} entry {i}")))
+    else:
+        raise CalibrationSetError(f"calibration set: expected a folder of image + .txt pairs or a .json list, got {source}")
+    if not pairs:
+        raise CalibrationSetError(f"calibration set {source}: no image + prompt pairs found "
+                                  f"(images: {', '.join(IMAGE_SUFFIXES)})")
+    return pairs
+
+
+def _prompt(text, where: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise CalibrationSetError(f"calibration set: {where}: the prompt is empty")
+    return text.strip()
+
+
+# ---------------------------------------------------------------- the default set
+
+DEFAULT_EDITS = [
+    ("house_day", "make it night with warm light in the windows"),
+    ("house_day", "add heavy rain and puddles on the ground"),
+    ("street", "remove the people from the street"),
+    ("street", "turn the red car into a blue bicycle"),
+    ("portrait", "give the person a straw hat and sunglasses"),
+    ("portrait", "change the background to a snowy mountain"),
+    ("room", "make the room look like a watercolor painting"),
+    ("room", "replace the lamp with a potted plant"),
+    ("sign", 'change the text on the sign to "OPEN LATE"'),
+    ("landscape", "turn the season to autumn with orange leaves"),
+    ("landscape", "add a hot-air balloon in the sky"),
+    ("still_life", "make the apples green and add a glass of water"),
+]
+
+
+def write_default_calibration_set(dest: str | Path, size: int = 1024, seed: int = 0) -> Path:
+    """Draw the pack's default calibration set (Pillow shapes: scenes Kontext users edit) into dest."""
+    from PIL import Image, ImageDraw
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for i, (scene, prompt) in enumerate(DEFAULT_EDITS):
+        img = Image.new("RGB", (size, size))
+        draw = ImageDraw.Draw(img)
+        _draw_scene(draw, scene, size, rng)
+        name = f"{i:02d}_{scene}"
+        img.save(dest / f"{name}.png")
+        (dest / f"{name}.txt").write_text(prompt + "\n")
+    return dest
+
+
+def _draw_scene(draw, scene: str, s: int, rng: random.Random) -> None:
+    sky = [(rng.randrange(90, 160), rng.randrange(150, 210), 235), (240, 230, 200)]
+    for y in range(s):  # vertical gradient sky
+        t = y / s
+        draw.line([(0, y), (s, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(*sky)))
+    ground = (rng.randrange(60, 120), rng.randrange(110, 160), rng.randrange(50, 90))
+    draw.rectangle([0, int(s * 0.65), s, s], fill=ground)
+    draw.ellipse([int(s * 0.75), int(s * 0.08), int(s * 0.9), int(s * 0.23)], fill=(255, 220, 90))
+    if scene in ("house_day", "street"):
+        for k in range(3 if scene == "street" else 1):
+            x0 = int(s * (0.1 + 0.3 * k))
+            draw.rectangle([x0, int(s * 0.4), x0 + int(s * 0.25), int(s * 0.66)], fill=(200, 80 + 40 * k, 70))
+            draw.polygon([(x0 - 10, int(s * 0.4)), (x0 + int(s * 0.125), int(s * 0.25)),
+                          (x0 + int(s * 0.25) + 10, int(s * 0.4))], fill=(110, 50, 40))
+            draw.rectangle([x0 + 20, int(s * 0.45), x0 + 60, int(s * 0.5)], fill=(250, 250, 200))
+        if scene == "street":
+            draw.rectangle([int(s * 0.4), int(s * 0.72), int(s * 0.65), int(s * 0.8)], fill=(210, 30, 30))
+            for k in range(4):
+                px = int(s * (0.15 + 0.2 * k))
+                draw.ellipse([px, int(s * 0.66), px + 30, int(s * 0.7)], fill=(240, 200, 170))
+                draw.rectangle([px + 5, int(s * 0.7), px + 25, int(s * 0.8)], fill=(40, 40, 120))
+    elif scene == "portrait":
+        draw.ellipse([int(s * 0.3), int(s * 0.15), int(s * 0.7), int(s * 0.6)], fill=(235, 190, 160))
+        draw.rectangle([int(s * 0.25), int(s * 0.6), int(s * 0.75), s], fill=(60, 90, 150))
+        for ex in (0.42, 0.58):
+            draw.ellipse([int(s * ex) - 15, int(s * 0.35) - 10, int(s * ex) + 15, int(s * 0.35) + 10], fill=(40, 30, 20))
+    elif scene == "room":
+        draw.rectangle([0, 0, s, s], fill=(220, 210, 190))
+        draw.rectangle([0, int(s * 0.7), s, s], fill=(140, 100, 60))
+        draw.rectangle([int(s * 0.1), int(s * 0.45), int(s * 0.5), int(s * 0.72)], fill=(90, 120, 90))
+        draw.polygon([(int(s * 0.7), int(s * 0.3)), (int(s * 0.8), int(s * 0.3)), (int(s * 0.83), int(s * 0.4)),
+                      (int(s * 0.67), int(s * 0.4))], fill=(250, 240, 150))
+        draw.line([(int(s * 0.75), int(s * 0.4)), (int(s * 0.75), int(s * 0.72))], fill=(50, 50, 50), width=8)
+    elif scene == "sign":
+        draw.rectangle([int(s * 0.2), int(s * 0.3), int(s * 0.8), int(s * 0.55)], fill=(250, 250, 245), outline=(30, 30, 30), width=12)
+        draw.text((int(s * 0.3), int(s * 0.4)), "CLOSED", fill=(20, 20, 20))
+        draw.rectangle([int(s * 0.48), int(s * 0.55), int(s * 0.52), int(s * 0.8)], fill=(90, 70, 50))
+    elif scene == "landscape":
+        for k in range(5):
+            x = rng.randrange(0, s)
+            draw.polygon([(x - 120, int(s * 0.65)), (x, int(s * 0.3)), (x + 120, int(s * 0.65))], fill=(90, 100, 120))
+        for k in range(8):
+            x = rng.randrange(0, s)
+            draw.ellipse([x - 40, int(s * 0.55), x + 40, int(s * 0.7)], fill=(30, 110, 40))
+    elif scene == "still_life":
+        draw.rectangle([0, int(s * 0.55), s, s], fill=(150, 110, 80))
+        for k in range(3):
+            x = int(s * (0.3 + 0.15 * k))
+            draw.ellipse([x, int(s * 0.45), x + 120, int(s * 0.57)], fill=(200, 30, 40))
+
+
+# ---------------------------------------------------------------- encoded pairs and the loop
+
+@dataclass
+class EncodedPair:
+    """One calibration pair at the engine contract: text states, pooled vector, reference tokens."""
+    txt: Tensor  # [1, T, context]
+    y: Tensor  # [1, vec]
+    reference: Tensor  # [1, N_ref, in_channels], packed like ComfyUI packs a reference latent
+    reference_grid: tuple[int, int]  # token rows, cols of the reference (the target has the same grid)
+
+
+class StandInEncoder:
+    """Deterministic pixels/prompt -> tensors of the contract's shapes, for runs without ComfyUI.
+
+    NOT a VAE or text encoder: reference tokens are the image's average colour per token cell pushed
+    through a fixed random projection, text states are seeded by a hash of the prompt. It exists so
+    calibration runs on the real trajectory shapes and on image-dependent data in tests and in the
+    random-weight accuracy report.
+    """
+
+    def __init__(self, cfg: KontextConfig, n_txt: int = 512, seed: int = 0):
+        self.cfg, self.n_txt = cfg, n_txt
+        g = torch.Generator().manual_seed(seed)
+        self.projection = torch.randn(3 * 4, cfg.in_channels, generator=g) / math.sqrt(12)
+
+    def __call__(self, pair: CalibrationPair, size: int) -> EncodedPair:
+        import numpy as np
+        from PIL import Image
+
+        rows, cols = tokens_for_pixels(size, size)
+        img = Image.open(pair.image).convert("RGB").resize((cols * 2, rows * 2))
+        px = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)  # [2r, 2c, 3]
+        cells = px.reshape(rows, 2, cols, 2, 3).permute(0, 2, 1, 3, 4).reshape(rows * cols, 12)
+        seed = int.from_bytes(hashlib.sha256(pair.prompt.encode()).digest()[:4], "little")
+        g = torch.Generator().manual_seed(seed)
+        return EncodedPair(txt=torch.randn(1, self.n_txt, self.cfg.context_in_dim, generator=g),
+                           y=torch.randn(1, self.cfg.vec_in_dim, generator=g),
+                           reference=(cells @ self.projection)[None] * 2.0, reference_grid=(rows, cols))
+
+
+def calibration_forward_loop(samples: Sequence[EncodedPair], steps: int, guidance: float = 2.5, seed: int = 0,
+                             progress: Callable[[int, int], None] | None = None,
+                             should_cancel: Callable[[], bool] | None = None):
+    """ModelOpt's forward_loop: each pair is sampled as a real edit (Euler over Flux's schedule), so the
+    quantizers see activations at every sigma that sampling visits, not at one timestep.
+
+    progress(done, total) is called after each pair; should_cancel() is checked before each pair
+    and raises CalibrationCancelled, which leaves no calibrated state behind.
+    """
+    if steps < 1:
+        raise ValueError(f"steps: expected at least 1 sampling step per calibration pair, got {steps}")
+    if not samples:
+        raise ValueError("samples: expected at least one encoded calibration pair, got none")
+
+    def forward_loop(model) -> None:
+        param = next(model.parameters())
+        device, dtype = param.device, model.dtype if hasattr(model, "dtype") else param.dtype
+        for i, s in enumerate(samples):
+            if should_cancel is not None and should_cancel():
+                raise CalibrationCancelled(f"calibration cancelled after {i} of {len(samples)} pairs")
+            grid = s.reference_grid
+            n_target = grid[0] * grid[1]
+            ids = edit_ids(grid, [grid])[None].to(device)
+            txt = s.txt.to(device, dtype)
+            euler_edit(model, txt, torch.zeros(1, txt.shape[1], 3, device=device), s.y.to(device, dtype),
+                       s.reference.to(device, dtype), ids, n_target, steps, guidance, seed + i)
+            if progress is not None:
+                progress(i + 1, len(samples))
+
+    return forward_loop

@@ -1,0 +1,112 @@
+"""Quantize a Kontext transformer with ModelOpt per a recipe, and report what was quantized."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .quant_formats import describe_quantizer
+from .recipes import Recipe
+from .transformer import KontextTransformer
+
+ForwardLoop = Callable[[nn.Module], None]
+
+
+class QuantizationError(RuntimeError):
+    """Quantization ran but its result does not match the recipe."""
+
+
+@dataclass
+class QuantReport:
+    """What ModelOpt actually did: quantizer counts by kind and format, and every Linear left in 16-bit."""
+    counts: dict[str, int] = field(default_factory=dict)  # "weight_quantizer fp8 per-tensor" -> n
+    linear_16bit: list[str] = field(default_factory=list)
+    linear_quantized: list[str] = field(default_factory=list)
+    uncalibrated: list[str] = field(default_factory=list)  # enabled static quantizers without amax
+
+    def summary(self) -> str:
+        lines = [f"{len(self.linear_quantized)} Linear layers quantized, {len(self.linear_16bit)} kept in 16-bit:"]
+        lines += [f"  16-bit: {name}" for name in self.linear_16bit]
+        lines += [f"  {n:5d} x {kind}" for kind, n in sorted(self.counts.items())]
+        return "\n".join(lines)
+
+
+def quant_report(model: nn.Module) -> QuantReport:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    report = QuantReport()
+    counts = Counter()
+    for name, module in model.named_modules():
+        if isinstance(module, TensorQuantizer) and module.is_enabled:
+            kind = name.rsplit(".", 1)[-1]
+            counts[f"{kind} {describe_quantizer(module.num_bits, module.block_sizes)}"] += 1
+            dynamic = bool(module.block_sizes and module.block_sizes.get("type") == "dynamic")
+            if not dynamic and getattr(module, "amax", None) is None:
+                report.uncalibrated.append(name)
+        elif isinstance(module, nn.Linear):
+            wq = getattr(module, "weight_quantizer", None)
+            (report.linear_quantized if wq is not None and wq.is_enabled else report.linear_16bit).append(name)
+    report.counts = dict(counts)
+    return report
+
+
+def quantize_transformer(model: KontextTransformer, recipe: Recipe, forward_loop: ForwardLoop | None) -> QuantReport:
+    """Quantize `model` in place with ModelOpt and return the report; refuses a result that is not the recipe.
+
+    With forward_loop=None nothing is calibrated (used when restoring a saved calibrated state).
+    Recipes whose algorithm rewrites weights (SVDQuant) get private copies of the weights they
+    quantize first, so the 16-bit tensors shared with the caller (ComfyUI's model) stay untouched.
+    """
+    import modelopt.torch.quantization as mtq
+
+    from . import quant_attention  # noqa: F401  registers QuantAttention with ModelOpt
+
+    if recipe.needs_cuda and not next(model.parameters()).is_cuda:
+        raise QuantizationError(f"recipe {recipe.name}: ModelOpt fake-quantizes {recipe.gemm['weights']} only on "
+                                "CUDA; move the model to an NVIDIA GPU or use the fp8 recipe")
+    config = recipe.modelopt_config(model)
+    if forward_loop is None:
+        config["algorithm"] = None
+    elif recipe.rewrites_weights:
+        _privatize_quantized_weights(model, recipe)
+    mtq.quantize(model, config, forward_loop)
+    report = quant_report(model)
+    check_report(report, recipe, calibrated=forward_loop is not None)
+    return report
+
+
+def _privatize_quantized_weights(model: nn.Module, recipe: Recipe) -> None:
+    import fnmatch
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p, _ in recipe.keep_16bit):
+            module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+
+
+def check_report(report: QuantReport, recipe: Recipe, calibrated: bool) -> None:
+    """ModelOpt quantizing nothing, or a default pattern dropping layers, must not pass silently."""
+    import fnmatch
+
+    expected_16bit = sorted(n for n in report.linear_16bit + report.linear_quantized
+                            if any(fnmatch.fnmatchcase(n, p) for p, _ in recipe.keep_16bit))
+    if sorted(report.linear_16bit) != expected_16bit:
+        extra = sorted(set(report.linear_16bit) - set(expected_16bit))
+        raise QuantizationError(f"recipe {recipe.name}: layers left in 16-bit that the recipe quantizes: {extra[:8]}")
+    if not report.linear_quantized:
+        raise QuantizationError(f"recipe {recipe.name}: ModelOpt quantized no Linear layer")
+    if recipe.attention and not any(k.startswith("q_bmm_quantizer") for k in report.counts):
+        raise QuantizationError(f"recipe {recipe.name}: attention quantization was asked for but no attention "
+                                "quantizer is enabled")
+    if calibrated and report.uncalibrated:
+        raise QuantizationError(f"recipe {recipe.name}: {len(report.uncalibrated)} quantizers got no calibration "
+                                f"data (e.g. {report.uncalibrated[:3]}); did the forward loop run the model?")
+
+
+@torch.no_grad()
+def output_error(reference: torch.Tensor, output: torch.Tensor) -> tuple[float, float]:
+    """(cosine similarity, relative L2) of output against reference, over all elements, in float64."""
+    r, o = reference.double().flatten(), output.double().flatten()
+    return (torch.nn.functional.cosine_similarity(r, o, dim=0).item(), ((o - r).norm() / r.norm()).item())

@@ -1,0 +1,160 @@
+"""Quantization recipes: the files in quant_configs/, checked, and turned into a ModelOpt config.
+
+A recipe names formats per role (GEMM weights and activations; attention Q, K, V and softmax
+output) and the layers that stay in 16-bit with the reason. Everything is checked before anything
+is calibrated: an unknown format, a missing field, or a 16-bit pattern that matches no layer of the
+model raises RecipeError naming the file and the field.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .quant_formats import CUDA_ONLY_FORMATS, FORMATS
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "quant_configs"
+RECIPE_FORMAT = "kontext-trt-recipe/1"
+ALGORITHMS = {"max": set(), "svdquant": {"lowrank"}}
+GEMM_ROLES = ("weights", "activations")
+ATTENTION_ROLES = ("q", "k", "v", "softmax_output")
+# Our Attention module's quantizers carry ModelOpt's own names for them (its diffusers plugin uses
+# the same), so ModelOpt's tools and exporters recognise them.
+ATTENTION_QUANTIZERS = {"q": "q_bmm_quantizer", "k": "k_bmm_quantizer", "v": "v_bmm_quantizer",
+                        "softmax_output": "softmax_quantizer"}
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used as written."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    source: str  # the file it came from, for messages
+    description: str
+    min_compute_capability: tuple[int, int]
+    algorithm: dict
+    gemm: dict[str, str]
+    attention: dict[str, str] | None  # None: attention stays 16-bit
+    keep_16bit: tuple[tuple[str, str], ...]  # (module-name pattern, why)
+
+    @property
+    def needs_cuda(self) -> bool:
+        """ModelOpt fake-quantizes some formats only on CUDA (NVFP4, dynamic per-block FP8)."""
+        used = set(self.gemm.values()) | set((self.attention or {}).values())
+        return bool(used & CUDA_ONLY_FORMATS)
+
+    @property
+    def rewrites_weights(self) -> bool:
+        """SVDQuant subtracts the low-rank branch and AWQ-smooths the weights in place."""
+        return self.algorithm["method"] != "max"
+
+    def to_json(self) -> str:
+        return json.dumps(dict(
+            format=RECIPE_FORMAT, name=self.name, description=self.description,
+            min_compute_capability=".".join(map(str, self.min_compute_capability)), algorithm=self.algorithm,
+            gemm=self.gemm, attention=self.attention,
+            keep_16bit=[dict(layers=p, why=w) for p, w in self.keep_16bit]), sort_keys=True)
+
+    def modelopt_config(self, model: nn.Module) -> dict:
+        """ModelOpt's list-form config for this model, after checking every pattern matches a Linear.
+
+        Disable-all comes FIRST: ModelOpt applies entries in order, and a trailing catch-all would
+        switch everything off again (the trap DESIGN.md records). No ModelOpt default is merged in,
+        so none of its patterns for other model families ("*proj_out*") can drop a layer here.
+        """
+        linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        for pattern, _ in self.keep_16bit:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in linear_names):
+                raise RecipeError(f"{self.source}: keep_16bit layers {pattern!r} matches no Linear layer of the "
+                                  f"model (it has e.g. {linear_names[:4]})")
+        entries = [{"quantizer_name": "*", "enable": False},
+                   {"quantizer_name": "*weight_quantizer", "cfg": _attrs(self.gemm["weights"])},
+                   {"quantizer_name": "*input_quantizer", "cfg": _attrs(self.gemm["activations"])}]
+        for role, fmt in (self.attention or {}).items():
+            entries.append({"quantizer_name": f"*.{ATTENTION_QUANTIZERS[role]}", "cfg": _attrs(fmt)})
+        for pattern, _ in self.keep_16bit:
+            entries.append({"quantizer_name": f"{pattern}.*_quantizer", "enable": False})
+        return {"quant_cfg": entries, "algorithm": copy.deepcopy(self.algorithm)}
+
+
+def _attrs(fmt: str) -> dict:
+    return copy.deepcopy(FORMATS[fmt])
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
+
+
+def load_recipe(name_or_path: str | Path, attention: bool = True) -> Recipe:
+    """A shipped recipe by name ("fp8", "nvfp4", "svdquant_nvfp4") or a recipe file by path.
+
+    attention=False keeps attention in 16-bit whatever the file says.
+    """
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = RECIPE_DIR / f"{name_or_path}.json"
+        if not path.is_file():
+            raise RecipeError(f"recipe: expected one of {available_recipes()} or a .json path, got {str(name_or_path)!r}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecipeError(f"{path}: not a readable JSON recipe ({e})") from e
+    return parse_recipe(data, source=str(path), attention=attention)
+
+
+def parse_recipe(data: dict, source: str, attention: bool = True) -> Recipe:
+    def field(obj, key, kind, where=""):
+        name = f"{where}{key}"
+        if not isinstance(obj, dict) or key not in obj:
+            raise RecipeError(f"{source}: missing field {name!r}")
+        if not isinstance(obj[key], kind):
+            raise RecipeError(f"{source}: field {name!r} must be {getattr(kind, '__name__', kind)}, "
+                              f"got {type(obj[key]).__name__}")
+        return obj[key]
+
+    def fmt(obj, role, where):
+        value = field(obj, role, str, where)
+        if value not in FORMATS:
+            raise RecipeError(f"{source}: field '{where}{role}' names unknown format {value!r}; "
+                              f"known formats: {sorted(FORMATS)}")
+        return value
+
+    if field(data, "format", str) != RECIPE_FORMAT:
+        raise RecipeError(f"{source}: field 'format' must be {RECIPE_FORMAT!r}, got {data['format']!r}")
+    algorithm = field(data, "algorithm", dict)
+    method = field(algorithm, "method", str, "algorithm.")
+    if method not in ALGORITHMS:
+        raise RecipeError(f"{source}: field 'algorithm.method' names unknown algorithm {method!r}; "
+                          f"known: {sorted(ALGORITHMS)}")
+    extra = set(algorithm) - {"method"} - ALGORITHMS[method]
+    if extra:
+        raise RecipeError(f"{source}: field 'algorithm' has unknown keys {sorted(extra)} for {method!r}")
+    for key in ALGORITHMS[method]:
+        field(algorithm, key, int, "algorithm.")
+
+    gemm_obj = field(data, "gemm", dict)
+    gemm = {role: fmt(gemm_obj, role, "gemm.") for role in GEMM_ROLES}
+    attention_obj = data.get("attention", None)
+    if attention_obj is not None:
+        attention_obj = field(data, "attention", dict)
+        attention_cfg = {role: fmt(attention_obj, role, "attention.") for role in ATTENTION_ROLES}
+    else:
+        attention_cfg = None
+
+    keep = []
+    for i, entry in enumerate(field(data, "keep_16bit", list)):
+        keep.append((field(entry, "layers", str, f"keep_16bit[{i}]."), field(entry, "why", str, f"keep_16bit[{i}].")))
+    cc = field(data, "min_compute_capability", str)
+    try:
+        major, minor = (int(x) for x in cc.split("."))
+    except ValueError:
+        raise RecipeError(f"{source}: field 'min_compute_capability' must look like '8.9', got {cc!r}") from None
+    return Recipe(name=field(data, "name", str), source=source, description=field(data, "description", str),
+                  min_compute_capability=(major, minor), algorithm=dict(algorithm), gemm=gemm,
+                  attention=attention_cfg if attention else None, keep_16bit=tuple(keep))

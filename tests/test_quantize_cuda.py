@@ -1,0 +1,68 @@
+"""NVFP4 and SVDQuant NVFP4 (ModelOpt fake-quantizes them only on CUDA), on a tiny Kontext.
+
+Marked `cuda`; skipped without an NVIDIA GPU. Run on the lent H100 (see README for the results).
+"""
+import pytest
+import torch
+from quant_helpers import encoded_pairs, tiny_model
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (ModelOpt NVFP4 is CUDA-only)")]
+pytest.importorskip("modelopt.torch.quantization")
+
+from engines.accuracy import error_table, step_outputs  # noqa: E402
+from engines.calibrated_state import load_calibrated_state, save_calibrated_state  # noqa: E402
+from engines.calibration import calibration_forward_loop  # noqa: E402
+from engines.quantize import quantize_transformer  # noqa: E402
+from engines.recipes import load_recipe  # noqa: E402
+
+SIGMAS = (0.9, 0.5, 0.1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    pairs = encoded_pairs(tmp_path_factory.mktemp("p"), n=5)
+    reference_model, _ = tiny_model(device="cuda")
+    return pairs[:3], pairs[3:], step_outputs(reference_model, pairs[3:], SIGMAS)
+
+
+def quantized(recipe_name, pairs):
+    model, sd = tiny_model(device="cuda")
+    originals = {k: v.clone() for k, v in sd.items()}
+    report = quantize_transformer(model, load_recipe(recipe_name), calibration_forward_loop(pairs, steps=3))
+    return model, sd, originals, report
+
+
+@torch.no_grad()
+def test_nvfp4_quantizes_per_recipe_and_stays_close(data):
+    pairs, held, reference = data
+    model, _, _, report = quantized("nvfp4", pairs)
+    n_blocks = len(model.double_blocks) + len(model.single_blocks)
+    assert report.counts["weight_quantizer nvfp4 per-block16"] == len(report.linear_quantized)
+    assert report.counts["input_quantizer nvfp4 per-block16"] == len(report.linear_quantized)
+    assert report.counts["q_bmm_quantizer fp8 per-block32"] == report.counts["k_bmm_quantizer fp8 per-block32"] == n_blocks
+    assert report.counts["v_bmm_quantizer fp8 per-tensor"] == report.counts["softmax_quantizer fp8 per-tensor"] == n_blocks
+    rows = error_table(reference, step_outputs(model, held, SIGMAS))
+    print("nvfp4", rows)
+    assert all(r.rel_l2_mean > 1e-3 and r.cosine_min > 0.95 for r in rows), rows
+
+
+@torch.no_grad()
+def test_svdquant_adds_rank32_branches_and_leaves_the_callers_weights(data, tmp_path):
+    pairs, held, reference = data
+    model, sd, originals, report = quantized("svdquant_nvfp4", pairs)
+    qkv = model.double_blocks[0].img_attn.qkv
+    assert tuple(qkv.weight_quantizer.svdquant_lora_a.shape) == (32, qkv.in_features)
+    assert tuple(qkv.weight_quantizer.svdquant_lora_b.shape) == (qkv.out_features, 32)
+    for k, v in sd.items():  # ComfyUI's tensors: SVDQuant rewrote private copies only
+        assert torch.equal(v, originals[k]), k
+    rows = error_table(reference, step_outputs(model, held, SIGMAS))
+    print("svdquant", rows)
+    assert all(r.cosine_min > 0.95 for r in rows), rows
+
+    x_out = step_outputs(model, held[:1], (0.5,))
+    path = save_calibrated_state(model, load_recipe("svdquant_nvfp4"), tmp_path / "svd.safetensors")
+    restored, _ = tiny_model(device="cuda")
+    recipe, _ = load_calibrated_state(restored, path)
+    assert recipe.algorithm["method"] == "svdquant"
+    torch.testing.assert_close(step_outputs(restored, held[:1], (0.5,))[(0, 0.5)], x_out[(0, 0.5)], rtol=0, atol=1e-6)

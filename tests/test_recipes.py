@@ -1,0 +1,68 @@
+"""Recipe files: the shipped ones parse; broken ones fail naming the file and the field, before calibration."""
+import json
+
+import pytest
+from quant_helpers import tiny_model
+
+from engines.recipes import RECIPE_DIR, RecipeError, available_recipes, load_recipe
+
+
+def test_shipped_recipes():
+    assert {"fp8", "nvfp4", "svdquant_nvfp4"} <= set(available_recipes())
+    fp8, nvfp4, svd = (load_recipe(n) for n in ("fp8", "nvfp4", "svdquant_nvfp4"))
+    assert fp8.gemm == {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}
+    assert fp8.attention == {"q": "fp8_per_tensor", "k": "fp8_per_tensor", "v": "fp8_per_tensor",
+                             "softmax_output": "fp8_unit_range"}
+    assert nvfp4.gemm["weights"] == "nvfp4_block16" and nvfp4.attention["q"] == "fp8_per_block32_dynamic"
+    assert nvfp4.attention["v"] == "fp8_per_tensor"  # BMM2 stays FP8 per-tensor
+    assert svd.algorithm == {"method": "svdquant", "lowrank": 32}
+    for r in (fp8, nvfp4, svd):
+        layers = {p for p, _ in r.keep_16bit}
+        assert layers == {"img_in", "txt_in", "time_in.*", "vector_in.*", "guidance_in.*", "final_layer.*"}
+        assert all(len(why) > 20 for _, why in r.keep_16bit)
+    assert not fp8.needs_cuda and nvfp4.needs_cuda and svd.rewrites_weights and not fp8.rewrites_weights
+
+
+def test_attention_can_be_turned_off():
+    assert load_recipe("fp8", attention=False).attention is None
+
+
+def test_modelopt_config_puts_disable_all_first_and_no_foreign_defaults():
+    model, _ = tiny_model()
+    entries = load_recipe("fp8").modelopt_config(model)["quant_cfg"]
+    assert entries[0] == {"quantizer_name": "*", "enable": False}
+    assert not any("proj_out" in e["quantizer_name"] for e in entries)
+
+
+def broken(tmp_path, change):
+    data = json.loads((RECIPE_DIR / "fp8.json").read_text())
+    change(data)
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d["gemm"].update(weights="fp6_magic"), r"broken.json: field 'gemm.weights' names unknown format 'fp6_magic'"),
+    (lambda d: d["attention"].pop("softmax_output"), r"broken.json: missing field 'attention.softmax_output'"),
+    (lambda d: d.pop("keep_16bit"), r"broken.json: missing field 'keep_16bit'"),
+    (lambda d: d["keep_16bit"][0].pop("why"), r"broken.json: missing field 'keep_16bit\[0\].why'"),
+    (lambda d: d.update(format="other/2"), r"broken.json: field 'format' must be"),
+    (lambda d: d["algorithm"].update(method="gptq"), r"broken.json: field 'algorithm.method' names unknown algorithm"),
+    (lambda d: d.update(min_compute_capability="new"), r"broken.json: field 'min_compute_capability' must look like"),
+])
+def test_broken_recipe_names_file_and_field(tmp_path, change, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(broken(tmp_path, change))
+
+
+def test_pattern_matching_no_layer_fails_before_calibration(tmp_path):
+    recipe = load_recipe(broken(tmp_path, lambda d: d["keep_16bit"].append({"layers": "proj_out", "why": "x" * 30})))
+    model, _ = tiny_model()
+    with pytest.raises(RecipeError, match=r"broken.json: keep_16bit layers 'proj_out' matches no Linear"):
+        recipe.modelopt_config(model)
+
+
+def test_unknown_recipe_name():
+    with pytest.raises(RecipeError, match=r"recipe: expected one of \[.*'fp8'.*\] or a .json path, got 'fp9'"):
+        load_recipe("fp9")
