@@ -29,15 +29,14 @@ from engines.calibration import (StandInEncoder, calibration_forward_loop, read_
 from engines.quantize import quantize_transformer  # noqa: E402
 from engines.recipes import load_recipe  # noqa: E402
 
-# name -> (recipe file, attention quantized)
-VARIANTS = {"fp8": ("fp8", False), "fp8+attn": ("fp8", True), "nvfp4+attn": ("nvfp4", True),
-            "svdquant_nvfp4+attn": ("svdquant_nvfp4", True)}
+# A variant is a recipe name or .json path, "+attn" to quantize attention as the recipe says.
+VARIANTS = ("fp8", "fp8+attn", "nvfp4+attn", "svdquant_nvfp4+attn")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--recipes", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--recipes", default=",".join(VARIANTS), help=f"comma list of recipes, '+attn' to quantize attention too (default {','.join(VARIANTS)})")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--calib-pairs", type=int, default=4)
     p.add_argument("--steps", type=int, default=6, help="sampling steps per calibration pair")
@@ -69,8 +68,9 @@ def main(argv=None) -> int:
 
     results = []
     for name in args.recipes.split(","):
-        recipe_name, attention = VARIANTS[name]
-        recipe = load_recipe(recipe_name, attention=attention)
+        attention = name.endswith("+attn")
+        recipe = load_recipe(name.removesuffix("+attn"), attention=attention)
+        recipe_name = recipe.name
         torch.cuda.reset_peak_memory_stats()
         model = transformer_from_state_dict(sd)
         t = time.perf_counter()

@@ -24,12 +24,15 @@ class QuantReport:
     """What ModelOpt actually did: quantizer counts by kind and format, and every Linear left in 16-bit."""
     counts: dict[str, int] = field(default_factory=dict)  # "weight_quantizer fp8 per-tensor" -> n
     linear_16bit: list[str] = field(default_factory=list)
-    linear_quantized: list[str] = field(default_factory=list)
+    linear_quantized: list[str] = field(default_factory=list)  # weights quantized (inputs too unless listed below)
+    linear_weight_only: list[str] = field(default_factory=list)  # weights quantized, inputs 16-bit
     uncalibrated: list[str] = field(default_factory=list)  # enabled static quantizers without amax
 
     def summary(self) -> str:
         lines = [f"{len(self.linear_quantized)} Linear layers quantized, {len(self.linear_16bit)} kept in 16-bit:"]
         lines += [f"  16-bit: {name}" for name in self.linear_16bit]
+        if self.linear_weight_only:
+            lines.append(f"  {len(self.linear_weight_only)} of the quantized layers are weight-only (16-bit inputs)")
         lines += [f"  {n:5d} x {kind}" for kind, n in sorted(self.counts.items())]
         return "\n".join(lines)
 
@@ -42,13 +45,17 @@ def quant_report(model: nn.Module) -> QuantReport:
     for name, module in model.named_modules():
         if isinstance(module, TensorQuantizer) and module.is_enabled:
             kind = name.rsplit(".", 1)[-1]
-            counts[f"{kind} {describe_quantizer(module.num_bits, module.block_sizes)}"] += 1
-            dynamic = bool(module.block_sizes and module.block_sizes.get("type") == "dynamic")
+            counts[f"{kind} {describe_quantizer(module.num_bits, module.block_sizes, module.axis)}"] += 1
+            # Dynamic quantizers compute their scales per call; NVFP4's block scales are dynamic but its
+            # per-tensor second-level scale is calibrated, so only the plain dynamic kind has no amax.
+            dynamic = getattr(module, "_dynamic", False)
             if not dynamic and getattr(module, "amax", None) is None:
                 report.uncalibrated.append(name)
         elif isinstance(module, nn.Linear):
-            wq = getattr(module, "weight_quantizer", None)
+            wq, iq = getattr(module, "weight_quantizer", None), getattr(module, "input_quantizer", None)
             (report.linear_quantized if wq is not None and wq.is_enabled else report.linear_16bit).append(name)
+            if wq is not None and wq.is_enabled and not iq.is_enabled:
+                report.linear_weight_only.append(name)
     report.counts = dict(counts)
     return report
 

@@ -19,7 +19,8 @@ from .quant_formats import CUDA_ONLY_FORMATS, FORMATS
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "quant_configs"
 RECIPE_FORMAT = "kontext-trt-recipe/1"
-ALGORITHMS = {"max": set(), "svdquant": {"lowrank"}}
+# ModelOpt calibration algorithms a recipe may name, with the options each takes (and their types).
+ALGORITHMS = {"max": {}, "mse": {"fp8_scale_sweep": bool}, "svdquant": {"lowrank": int}}
 GEMM_ROLES = ("weights", "activations")
 ATTENTION_ROLES = ("q", "k", "v", "softmax_output")
 # Our Attention module's quantizers carry ModelOpt's own names for them (its diffusers plugin uses
@@ -42,6 +43,7 @@ class Recipe:
     gemm: dict[str, str]
     attention: dict[str, str] | None  # None: attention stays 16-bit
     keep_16bit: tuple[tuple[str, str], ...]  # (module-name pattern, why)
+    weight_only: tuple[tuple[str, str, str], ...] = ()  # (pattern, weight format, why): inputs stay 16-bit
 
     @property
     def needs_cuda(self) -> bool:
@@ -52,14 +54,15 @@ class Recipe:
     @property
     def rewrites_weights(self) -> bool:
         """SVDQuant subtracts the low-rank branch and AWQ-smooths the weights in place."""
-        return self.algorithm["method"] != "max"
+        return self.algorithm["method"] == "svdquant"
 
     def to_json(self) -> str:
         return json.dumps(dict(
             format=RECIPE_FORMAT, name=self.name, description=self.description,
             min_compute_capability=".".join(map(str, self.min_compute_capability)), algorithm=self.algorithm,
             gemm=self.gemm, attention=self.attention,
-            keep_16bit=[dict(layers=p, why=w) for p, w in self.keep_16bit]), sort_keys=True)
+            keep_16bit=[dict(layers=p, why=w) for p, w in self.keep_16bit],
+            weight_only=[dict(layers=p, weights=f, why=w) for p, f, w in self.weight_only]), sort_keys=True)
 
     def modelopt_config(self, model: nn.Module) -> dict:
         """ModelOpt's list-form config for this model, after checking every pattern matches a Linear.
@@ -69,22 +72,29 @@ class Recipe:
         so none of its patterns for other model families ("*proj_out*") can drop a layer here.
         """
         linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        for pattern, _ in self.keep_16bit:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in linear_names):
-                raise RecipeError(f"{self.source}: keep_16bit layers {pattern!r} matches no Linear layer of the "
-                                  f"model (it has e.g. {linear_names[:4]})")
+        for section, entries in (("keep_16bit", self.keep_16bit), ("weight_only", self.weight_only)):
+            for pattern, *_ in entries:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in linear_names):
+                    raise RecipeError(f"{self.source}: {section} layers {pattern!r} matches no Linear layer of the "
+                                      f"model (it has e.g. {linear_names[:4]})")
         entries = [{"quantizer_name": "*", "enable": False},
                    {"quantizer_name": "*weight_quantizer", "cfg": _attrs(self.gemm["weights"])},
                    {"quantizer_name": "*input_quantizer", "cfg": _attrs(self.gemm["activations"])}]
         for role, fmt in (self.attention or {}).items():
             entries.append({"quantizer_name": f"*.{ATTENTION_QUANTIZERS[role]}", "cfg": _attrs(fmt)})
+        for pattern, fmt, _ in self.weight_only:
+            entries.append({"quantizer_name": f"{pattern}.weight_quantizer", "cfg": _attrs(fmt)})
+            entries.append({"quantizer_name": f"{pattern}.input_quantizer", "enable": False})
         for pattern, _ in self.keep_16bit:
             entries.append({"quantizer_name": f"{pattern}.*_quantizer", "enable": False})
         return {"quant_cfg": entries, "algorithm": copy.deepcopy(self.algorithm)}
 
 
 def _attrs(fmt: str) -> dict:
-    return copy.deepcopy(FORMATS[fmt])
+    attrs = copy.deepcopy(FORMATS[fmt])
+    if "block_sizes" in attrs:  # JSON-style string axis keys ("-1") -> the ints ModelOpt validates
+        attrs["block_sizes"] = {int(k) if k.lstrip("-").isdigit() else k: v for k, v in attrs["block_sizes"].items()}
+    return attrs
 
 
 def available_recipes() -> list[str]:
@@ -132,11 +142,11 @@ def parse_recipe(data: dict, source: str, attention: bool = True) -> Recipe:
     if method not in ALGORITHMS:
         raise RecipeError(f"{source}: field 'algorithm.method' names unknown algorithm {method!r}; "
                           f"known: {sorted(ALGORITHMS)}")
-    extra = set(algorithm) - {"method"} - ALGORITHMS[method]
+    extra = set(algorithm) - {"method"} - set(ALGORITHMS[method])
     if extra:
         raise RecipeError(f"{source}: field 'algorithm' has unknown keys {sorted(extra)} for {method!r}")
-    for key in ALGORITHMS[method]:
-        field(algorithm, key, int, "algorithm.")
+    for key, kind in ALGORITHMS[method].items():
+        field(algorithm, key, kind, "algorithm.")
 
     gemm_obj = field(data, "gemm", dict)
     gemm = {role: fmt(gemm_obj, role, "gemm.") for role in GEMM_ROLES}
@@ -147,9 +157,11 @@ def parse_recipe(data: dict, source: str, attention: bool = True) -> Recipe:
     else:
         attention_cfg = None
 
-    keep = []
-    for i, entry in enumerate(field(data, "keep_16bit", list)):
-        keep.append((field(entry, "layers", str, f"keep_16bit[{i}]."), field(entry, "why", str, f"keep_16bit[{i}].")))
+    keep = tuple((field(e, "layers", str, f"keep_16bit[{i}]."), field(e, "why", str, f"keep_16bit[{i}]."))
+                 for i, e in enumerate(field(data, "keep_16bit", list)))
+    weight_only = tuple((field(e, "layers", str, f"weight_only[{i}]."), fmt(e, "weights", f"weight_only[{i}]."),
+                         field(e, "why", str, f"weight_only[{i}]."))
+                        for i, e in enumerate(field(data, "weight_only", list) if "weight_only" in data else []))
     cc = field(data, "min_compute_capability", str)
     try:
         major, minor = (int(x) for x in cc.split("."))
@@ -157,4 +169,5 @@ def parse_recipe(data: dict, source: str, attention: bool = True) -> Recipe:
         raise RecipeError(f"{source}: field 'min_compute_capability' must look like '8.9', got {cc!r}") from None
     return Recipe(name=field(data, "name", str), source=source, description=field(data, "description", str),
                   min_compute_capability=(major, minor), algorithm=dict(algorithm), gemm=gemm,
-                  attention=attention_cfg if attention else None, keep_16bit=tuple(keep))
+                  attention=attention_cfg if attention else None, keep_16bit=keep,
+                  weight_only=weight_only)

@@ -13,7 +13,7 @@ pytest.importorskip("modelopt.torch.quantization")
 from engines.accuracy import error_table, step_outputs  # noqa: E402
 from engines.calibrated_state import load_calibrated_state, save_calibrated_state  # noqa: E402
 from engines.calibration import calibration_forward_loop  # noqa: E402
-from engines.quantize import quantize_transformer  # noqa: E402
+from engines.quantize import output_error, quantize_transformer  # noqa: E402
 from engines.recipes import load_recipe  # noqa: E402
 
 SIGMAS = (0.9, 0.5, 0.1)
@@ -38,8 +38,9 @@ def test_nvfp4_quantizes_per_recipe_and_stays_close(data):
     pairs, held, reference = data
     model, _, _, report = quantized("nvfp4", pairs)
     n_blocks = len(model.double_blocks) + len(model.single_blocks)
-    assert report.counts["weight_quantizer nvfp4 per-block16"] == len(report.linear_quantized)
-    assert report.counts["input_quantizer nvfp4 per-block16"] == len(report.linear_quantized)
+    token_path = len(report.linear_quantized) - len(report.linear_weight_only)
+    assert report.counts["weight_quantizer nvfp4 per-block16"] == report.counts["input_quantizer nvfp4 per-block16"] == token_path
+    assert report.counts["weight_quantizer fp8 per-channel"] == len(report.linear_weight_only) > 0
     assert report.counts["q_bmm_quantizer fp8 per-block32"] == report.counts["k_bmm_quantizer fp8 per-block32"] == n_blocks
     assert report.counts["v_bmm_quantizer fp8 per-tensor"] == report.counts["softmax_quantizer fp8 per-tensor"] == n_blocks
     rows = error_table(reference, step_outputs(model, held, SIGMAS))
@@ -65,4 +66,6 @@ def test_svdquant_adds_rank32_branches_and_leaves_the_callers_weights(data, tmp_
     restored, _ = tiny_model(device="cuda")
     recipe, _ = load_calibrated_state(restored, path)
     assert recipe.algorithm["method"] == "svdquant"
-    torch.testing.assert_close(step_outputs(restored, held[:1], (0.5,))[(0, 0.5)], x_out[(0, 0.5)], rtol=0, atol=1e-6)
+    # The same calibration, up to GPU kernel nondeterminism: far below the quantization error (~0.1).
+    cos, rel = output_error(x_out[(0, 0.5)], step_outputs(restored, held[:1], (0.5,))[(0, 0.5)])
+    assert rel < 2e-3, rel

@@ -46,8 +46,12 @@ def test_fp8_quantizes_what_the_recipe_says(pairs):
     assert len(report.linear_quantized) == n_linear - len(EMBEDDERS_AND_FINAL) > 0
     # Every single block's output projection (linear2, "proj_out" in other naming) is quantized.
     assert all(f"single_blocks.{i}.linear2" in report.linear_quantized for i in range(len(model.single_blocks)))
-    assert report.counts["weight_quantizer fp8 per-tensor"] == len(report.linear_quantized)
-    assert report.counts["input_quantizer fp8 per-tensor"] == len(report.linear_quantized)
+    modulation = [n for n in report.linear_quantized if n.endswith(("_mod.lin", ".modulation.lin"))]
+    assert len(modulation) == 2 * len(model.double_blocks) + len(model.single_blocks)
+    assert sorted(report.linear_weight_only) == sorted(modulation)
+    token_path = len(report.linear_quantized) - len(modulation)
+    assert report.counts["weight_quantizer fp8 per-tensor"] == report.counts["input_quantizer fp8 per-tensor"] == token_path
+    assert report.counts["weight_quantizer fp8 per-channel"] == len(modulation)
     for kind in ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer", "softmax_quantizer"):
         assert report.counts[f"{kind} fp8 per-tensor"] == n_blocks
     assert report.uncalibrated == []

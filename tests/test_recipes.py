@@ -13,7 +13,7 @@ def test_shipped_recipes():
     assert fp8.gemm == {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}
     assert fp8.attention == {"q": "fp8_per_tensor", "k": "fp8_per_tensor", "v": "fp8_per_tensor",
                              "softmax_output": "fp8_unit_range"}
-    assert nvfp4.gemm["weights"] == "nvfp4_block16" and nvfp4.attention["q"] == "fp8_per_block32_dynamic"
+    assert nvfp4.gemm["weights"] == "nvfp4_block16_static" and nvfp4.attention["q"] == "fp8_per_block32_dynamic"
     assert nvfp4.attention["v"] == "fp8_per_tensor"  # BMM2 stays FP8 per-tensor
     assert svd.algorithm == {"method": "svdquant", "lowrank": 32}
     for r in (fp8, nvfp4, svd):
