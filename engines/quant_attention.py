@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from modelopt.torch.quantization import register
+from modelopt.torch.quantization.export_onnx import export_fp8_mha
 from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
+from torch.onnx import symbolic_helper
 
 from .transformer import Attention
 
@@ -35,6 +37,8 @@ class QuantAttention(QuantModule):
         quantizers = (self.q_bmm_quantizer, self.k_bmm_quantizer, self.v_bmm_quantizer, self.softmax_quantizer)
         if not any(qz.is_enabled for qz in quantizers):
             return Attention.forward(self, q, k, v)
+        if torch.onnx.is_in_onnx_export():
+            return self._export_fp8(q, k, v)
         q, k, v = self.q_bmm_quantizer(q), self.k_bmm_quantizer(k), self.v_bmm_quantizer(v)
         if not self.softmax_quantizer.is_enabled:
             x = F.scaled_dot_product_attention(q, k, v)
@@ -47,6 +51,40 @@ class QuantAttention(QuantModule):
                 chunks.append(self.softmax_quantizer(p) @ vh)
             x = torch.cat(chunks, dim=1).to(v.dtype)
         return x.transpose(1, 2).flatten(2)
+
+
+    def _export_fp8(self, q, k, v):
+        """The ONNX graph TensorRT fuses into FP8 attention: Q/DQ on Q, K, V and on softmax's output."""
+        for qz in (self.q_bmm_quantizer, self.k_bmm_quantizer, self.v_bmm_quantizer):
+            if qz.block_sizes or tuple(qz.num_bits) != (4, 3) or qz.amax is None or qz.amax.numel() != 1:
+                raise ValueError("ONNX export: FP8 attention exports only with static FP8 per-tensor Q, K and V "
+                                 "(the fp8 recipe); build this recipe with attention=False")
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"ONNX export: FP8 attention needs a 16-bit model, got {q.dtype}")
+        precision = "Half" if q.dtype == torch.float16 else "BFloat16"
+        # An explicit cast, a no-op at run time: without it the TorchScript exporter types V (from a
+        # split of a quantized Linear's output) as float32, and ModelOpt's FP8 MHA export refuses it.
+        v = v.to(q.dtype)
+        x = _FP8AttentionForExport.apply(q, k, v, float(self.q_bmm_quantizer.amax), float(self.k_bmm_quantizer.amax),
+                                         float(self.v_bmm_quantizer.amax), precision)
+        return x.transpose(1, 2).flatten(2)
+
+
+class _FP8AttentionForExport(torch.autograd.Function):
+    """Stands for the quantized attention during ONNX export; its symbolic is ModelOpt's own FP8 MHA pattern.
+
+    Written here rather than imported because ModelOpt's equivalent (FP8SDPA) lives in its diffusers
+    plugin, which imports diffusers; ComfyUI installs do not have it.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_amax, k_amax, v_amax, precision):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    @symbolic_helper.parse_args("v", "v", "v", "f", "f", "f", "s")
+    def symbolic(g, q, k, v, q_amax, k_amax, v_amax, precision):
+        return export_fp8_mha(g, q, k, v, None, 0.0, False, None, q_amax, k_amax, v_amax, precision, False)
 
 
 register(original_cls=Attention, quantized_cls=QuantAttention)

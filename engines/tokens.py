@@ -72,3 +72,13 @@ def example_inputs(cfg: KontextConfig, batch: int = 1, target: tuple[int, int] =
     )
     floats = ("img", "txt", "y")
     return {k: v.to(device=device, dtype=dtype if k in floats else torch.float32) for k, v in inputs.items()}
+
+
+def pack_latent(latent: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """A VAE latent [B, C, h, w] -> tokens [B, rows*cols, C*4] (2x2 patches, zero-padded to even h, w),
+    as ComfyUI's `Flux.process_img` packs it; returns the tokens and the (rows, cols) grid."""
+    b, c, h, w = latent.shape
+    latent = torch.nn.functional.pad(latent, (0, w % PATCH, 0, h % PATCH))
+    rows, cols = latent.shape[2] // PATCH, latent.shape[3] // PATCH
+    tokens = latent.reshape(b, c, rows, PATCH, cols, PATCH).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * PATCH * PATCH)
+    return tokens, (rows, cols)

@@ -144,13 +144,15 @@ class Modulation(nn.Module):
         return self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
 
 
-def layer_norm(x: Tensor) -> Tensor:
-    # BFL's norms here have no affine parameters (elementwise_affine=False), hence no module.
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+def layer_norm(x: Tensor, dim: int) -> Tensor:
+    # BFL's norms here have no affine parameters (elementwise_affine=False), hence no module. The width
+    # is passed as an int: taken from x.shape it would be a traced value the ONNX exporter rejects.
+    return F.layer_norm(x, (dim,), eps=1e-6)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return torch.addcmul(shift, x, 1 + scale)
+    # Not torch.addcmul: its ONNX symbolic computes in float32, which would make the engine's output float32.
+    return x * (1 + scale) + shift
 
 
 class DoubleStreamBlock(nn.Module):
@@ -160,6 +162,7 @@ class DoubleStreamBlock(nn.Module):
         super().__init__()
         hidden, mlp_hidden = cfg.hidden_size, cfg.mlp_hidden_dim
         kw = dict(dtype=dtype, device=device)
+        self.hidden_size = hidden
         self.img_mod = Modulation(hidden, double=True, **kw)
         self.img_attn = SelfAttention(hidden, cfg.num_heads, cfg.qkv_bias, **kw)
         self.img_mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden, **kw), nn.GELU(approximate="tanh"),
@@ -174,8 +177,8 @@ class DoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
 
-        img_q, img_k, img_v = self.img_attn.split_heads(modulate(layer_norm(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
+        img_q, img_k, img_v = self.img_attn.split_heads(modulate(layer_norm(img, self.hidden_size), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(layer_norm(txt, self.hidden_size), txt_shift1, txt_scale1))
 
         q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
         k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
@@ -184,9 +187,9 @@ class DoubleStreamBlock(nn.Module):
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
-        img = img + img_gate2 * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
+        img = img + img_gate2 * self.img_mlp(modulate(layer_norm(img, self.hidden_size), img_shift2, img_scale2))
         txt = txt + txt_gate1 * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
+        txt = txt + txt_gate2 * self.txt_mlp(modulate(layer_norm(txt, self.hidden_size), txt_shift2, txt_scale2))
         return img, txt
 
 
@@ -209,7 +212,7 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = torch.split(self.linear1(modulate(layer_norm(x), shift, scale)),
+        qkv, mlp = torch.split(self.linear1(modulate(layer_norm(x, self.hidden_size), shift, scale)),
                                [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = self.norm(q, k, v)
@@ -220,13 +223,14 @@ class SingleStreamBlock(nn.Module):
 class LastLayer(nn.Module):
     def __init__(self, hidden_size: int, out_channels: int, dtype=None, device=None):
         super().__init__()
+        self.hidden_size = hidden_size
         self.linear = nn.Linear(hidden_size, out_channels, bias=True, dtype=dtype, device=device)
         self.adaLN_modulation = nn.Sequential(
             nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True, dtype=dtype, device=device))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        return self.linear(modulate(layer_norm(x, self.hidden_size), shift, scale))
 
 
 # ---------------------------------------------------------------- the model

@@ -40,7 +40,7 @@ def test_nvfp4_quantizes_per_recipe_and_stays_close(data):
     n_blocks = len(model.double_blocks) + len(model.single_blocks)
     token_path = len(report.linear_quantized) - len(report.linear_weight_only)
     assert report.counts["weight_quantizer nvfp4 per-block16"] == report.counts["input_quantizer nvfp4 per-block16"] == token_path
-    assert report.counts["weight_quantizer fp8 per-channel"] == len(report.linear_weight_only) > 0
+    assert report.counts["weight_quantizer fp8 per-tensor"] == len(report.linear_weight_only) > 0
     assert report.counts["q_bmm_quantizer fp8 per-block32"] == report.counts["k_bmm_quantizer fp8 per-block32"] == n_blocks
     assert report.counts["v_bmm_quantizer fp8 per-tensor"] == report.counts["softmax_quantizer fp8 per-tensor"] == n_blocks
     rows = error_table(reference, step_outputs(model, held, SIGMAS))

@@ -1,0 +1,152 @@
+"""The whole build: calibrate (or reuse a calibrated state) -> export ONNX -> TensorRT engine -> store.
+
+Cancellation is checked between calibration pairs, before the export and during TensorRT's build;
+a cancelled or failed build leaves no engine and no sidecar (the store writes both only at the
+end, atomically), and the temporary ONNX is removed unless asked to keep it. The calibrated state
+is kept beside the engines, so a cancelled build resumes from it.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .calibrated_state import load_calibrated_state, save_calibrated_state
+from .calibration import CalibrationCancelled, EncodedPair, calibration_forward_loop
+from .engine_store import EngineRequest, EngineStore, state_dict_fingerprint
+from .onnx_export import export_onnx, remove_onnx
+from .quantize import quantize_transformer
+from .recipes import Recipe
+from .shape_profiles import ShapeProfile
+from .state_dict import transformer_from_state_dict
+from .tensorrt_build import EngineBuildCancelled, TensorRT, build_engine, import_tensorrt, network_io
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class BuildResult:
+    engine: Path
+    calibrated_state: Path | None
+    cached: bool
+    stages: dict = field(default_factory=dict)  # stage -> {"seconds", "peak_gpu_gib", "rss_gib"}
+
+
+class _Stages:
+    """Wall time and peak memory per stage, for the sidecar and the README's table."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.stages = cuda, {}
+
+    def run(self, name, fn):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = fn()
+        rec = {"seconds": round(time.perf_counter() - start, 2),
+               # ru_maxrss is the process's peak so far (kB on Linux), not this stage's alone.
+               "process_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+        if self.cuda:
+            rec["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        self.stages[name] = rec
+        return out
+
+
+def engine_request(sd: Mapping[str, torch.Tensor], config, recipe: Recipe, profiles: Sequence[ShapeProfile],
+                   calibration: dict, trt: TensorRT, compute_capability: tuple[int, int] | None) -> EngineRequest:
+    from . import __version__
+
+    if compute_capability is not None:
+        target = f"{compute_capability[0]}.{compute_capability[1]}"
+    elif torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        target = f"{torch.cuda.get_device_name()} {major}.{minor}"
+    else:
+        target = "unknown"
+    return EngineRequest(model_fingerprint=state_dict_fingerprint(sd), model_config=config.to_dict(),
+                         recipe=recipe.to_json(), profiles=tuple(p.to_dict() for p in profiles), calibration=calibration,
+                         tensorrt_flavour=trt.flavour, tensorrt_version=trt.version, target=target,
+                         pack_version=__version__)
+
+
+def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profiles: Sequence[ShapeProfile],
+                         samples: Sequence[EncodedPair], steps: int, store: EngineStore, *,
+                         calibration_name: str = "custom", compute_capability: tuple[int, int] | None = None,
+                         keep_onnx: bool = False, progress: Progress | None = None,
+                         should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None) -> BuildResult:
+    """Build (or find) the engine for this model, recipe and profiles. sd: the 16-bit transformer's
+    state dict (ComfyUI's tensors, shared, never modified)."""
+    trt = trt or import_tensorrt()
+    model = transformer_from_state_dict(sd)
+    calibration = {"set": calibration_name, "pairs": len(samples), "steps": steps}
+    request = engine_request(sd, model.config, recipe, profiles, calibration, trt, compute_capability)
+    cached = store.lookup(request)
+    state_path = store.root / f"{request.name()}.calibration.safetensors"
+    if cached is not None:
+        return BuildResult(cached, state_path if state_path.is_file() else None, cached=True)
+
+    cuda = next(model.parameters()).is_cuda
+    stages = _Stages(cuda)
+
+    def report(stage):
+        return None if progress is None else (lambda done, total, *_: progress(stage, done, total))
+
+    def cancel_point(where):
+        if should_cancel is not None and should_cancel():
+            raise EngineBuildCancelled(f"engine build cancelled before {where}")
+
+    if state_path.is_file():
+        stages.run("calibrate (resumed from saved state)", lambda: load_calibrated_state(model, state_path))
+    else:
+        loop = calibration_forward_loop(samples, steps, progress=report("calibrate"), should_cancel=should_cancel)
+        try:
+            stages.run("calibrate", lambda: quantize_transformer(model, recipe, loop))
+        except CalibrationCancelled as e:
+            raise EngineBuildCancelled(str(e)) from e
+        save_calibrated_state(model, recipe, state_path)
+
+    cancel_point("the ONNX export")
+    store.root.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="kontext_build_", dir=store.root))
+    onnx_path = workdir / "kontext.onnx"
+    try:
+        stages.run("export_onnx", lambda: export_onnx(model, onnx_path))
+        io = network_io(onnx_path, trt)
+        del model  # the 16-bit module and its quantizers are not needed by TensorRT's builder
+        if cuda:
+            torch.cuda.empty_cache()
+        cancel_point("the TensorRT build")
+        timing_cache = store.root / f"timing_cache_{trt.flavour}_{trt.version}_{request.target.replace(' ', '_')}.cache"
+        engine = stages.run("build_engine", lambda: build_engine(
+            onnx_path, cfg_from(request), list(profiles), timing_cache=timing_cache,
+            compute_capability=compute_capability, progress=report("build_engine"), should_cancel=should_cancel, trt=trt))
+        metadata = dict(
+            model_fingerprint=request.model_fingerprint, model_config=request.model_config,
+            recipe=json.loads(request.recipe), profiles=list(request.profiles), calibration=calibration,
+            tensorrt={"flavour": trt.flavour, "version": trt.version}, target=request.target,
+            pack_version=request.pack_version, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            io={name: {"dtype": dtype, "shape": list(shape)} for name, (dtype, shape) in io.items()},
+            stages=stages.stages)
+        path = store.save(request, engine, metadata)
+    finally:
+        if keep_onnx and onnx_path.is_file():
+            # The folder moves whole: the .onnx names its external data file relative to itself.
+            workdir.replace(store.root / f"{request.name()}.onnx.d")
+        else:
+            remove_onnx(onnx_path)
+            shutil.rmtree(workdir, ignore_errors=True)
+    return BuildResult(path, state_path, cached=False, stages=stages.stages)
+
+
+def cfg_from(request: EngineRequest):
+    from .config import KontextConfig
+
+    return KontextConfig.from_dict(request.model_config)
