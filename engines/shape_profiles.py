@@ -20,6 +20,13 @@ KONTEXT_RESOLUTIONS = [
 ]
 
 
+def nearest_kontext_resolution(width: int, height: int) -> tuple[int, int]:
+    """The Kontext resolution of closest aspect ratio, as ComfyUI's FluxKontextImageScale chooses it."""
+    aspect = width / height
+    _, w, h = min((abs(aspect - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
+    return w, h
+
+
 class ProfileError(ValueError):
     """A shape profile that cannot be built, or an input outside one."""
 

@@ -3,14 +3,17 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .build_engine import KontextBuildEngine
+from .folders import register_tensorrt_folder
 from .model_info import KontextModelInfo
 
-NODES: list[type[io.ComfyNode]] = [KontextModelInfo]
+NODES: list[type[io.ComfyNode]] = [KontextModelInfo, KontextBuildEngine]
 
 
 class KontextTRTExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_tensorrt_folder()
         return NODES
 
 

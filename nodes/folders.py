@@ -1,0 +1,24 @@
+"""The pack's models folder: ComfyUI/models/tensorrt (shared with other TensorRT packs), .engine / .plan."""
+import os
+
+import folder_paths
+
+from ..engines.engine_store import ENGINE_SUFFIXES, EngineStore
+
+FOLDER = "tensorrt"
+
+
+def register_tensorrt_folder() -> None:
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER in folder_paths.folder_names_and_paths:
+        paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(extensions) | set(ENGINE_SUFFIXES))
+    else:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(ENGINE_SUFFIXES))
+
+
+def engine_store() -> EngineStore:
+    """Engines are written to the first registered tensorrt folder."""
+    return EngineStore(folder_paths.get_folder_paths(FOLDER)[0])
