@@ -22,6 +22,7 @@ import torch
 from .calibrated_state import load_calibrated_state, save_calibrated_state
 from .calibration import CalibrationCancelled, EncodedPair, calibration_forward_loop
 from .engine_store import EngineRequest, EngineStore, state_dict_fingerprint
+from .offload import blocks_streamed_to, move_quantizer_state
 from .onnx_export import export_onnx, remove_onnx
 from .quantize import quantize_transformer
 from .recipes import Recipe
@@ -40,7 +41,7 @@ class BuildResult:
     stages: dict = field(default_factory=dict)  # stage -> {"seconds", "peak_gpu_gib", "rss_gib"}
 
 
-class _Stages:
+class StageRecorder:
     """Wall time and peak memory per stage, for the sidecar and the README's table."""
 
     def __init__(self, cuda: bool):
@@ -80,10 +81,14 @@ def engine_request(sd: Mapping[str, torch.Tensor], config, recipe: Recipe, profi
 def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profiles: Sequence[ShapeProfile],
                          samples: Sequence[EncodedPair], steps: int, store: EngineStore, *,
                          calibration_name: str = "custom", compute_capability: tuple[int, int] | None = None,
-                         keep_onnx: bool = False, progress: Progress | None = None,
+                         keep_onnx: bool = False, low_vram: bool = False, progress: Progress | None = None,
                          should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None) -> BuildResult:
     """Build (or find) the engine for this model, recipe and profiles. sd: the 16-bit transformer's
-    state dict (ComfyUI's tensors, shared, never modified)."""
+    state dict (ComfyUI's tensors, shared, never modified).
+
+    low_vram: sd stays in system memory; calibration streams one block at a time to the GPU and the
+    export runs on the CPU (FP8 max calibration only: it never rewrites weights).
+    """
     trt = trt or import_tensorrt()
     model = transformer_from_state_dict(sd)
     calibration = {"set": calibration_name, "pairs": len(samples), "steps": steps}
@@ -93,8 +98,13 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
     if cached is not None:
         return BuildResult(cached, state_path if state_path.is_file() else None, cached=True)
 
-    cuda = next(model.parameters()).is_cuda
-    stages = _Stages(cuda)
+    if low_vram and (recipe.algorithm["method"] != "max" or recipe.needs_cuda):
+        raise ValueError(f"low_vram: supports recipes with max calibration and CPU-capable formats (fp8), not "
+                         f"{recipe.name}; NVFP4 and SVDQuant need the model on the GPU")
+    if low_vram and not torch.cuda.is_available():
+        raise ValueError("low_vram: streams blocks to a CUDA GPU; none is available")
+    cuda = low_vram or next(model.parameters()).is_cuda
+    stages = StageRecorder(cuda)
 
     def report(stage):
         return None if progress is None else (lambda done, total, *_: progress(stage, done, total))
@@ -103,22 +113,14 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
         if should_cancel is not None and should_cancel():
             raise EngineBuildCancelled(f"engine build cancelled before {where}")
 
-    if state_path.is_file():
-        stages.run("calibrate (resumed from saved state)", lambda: load_calibrated_state(model, state_path))
-    else:
-        loop = calibration_forward_loop(samples, steps, progress=report("calibrate"), should_cancel=should_cancel)
-        try:
-            stages.run("calibrate", lambda: quantize_transformer(model, recipe, loop))
-        except CalibrationCancelled as e:
-            raise EngineBuildCancelled(str(e)) from e
-        save_calibrated_state(model, recipe, state_path)
-
+    calibrate_or_resume(model, recipe, samples, steps, state_path, stages, low_vram=low_vram,
+                        progress=report("calibrate"), should_cancel=should_cancel)
     cancel_point("the ONNX export")
     store.root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="kontext_build_", dir=store.root))
     onnx_path = workdir / "kontext.onnx"
     try:
-        stages.run("export_onnx", lambda: export_onnx(model, onnx_path))
+        export_stage(model, onnx_path, stages)
         io = network_io(onnx_path, trt)
         del model  # the 16-bit module and its quantizers are not needed by TensorRT's builder
         if cuda:
@@ -144,6 +146,36 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
             remove_onnx(onnx_path)
             shutil.rmtree(workdir, ignore_errors=True)
     return BuildResult(path, state_path, cached=False, stages=stages.stages)
+
+
+def calibrate_or_resume(model, recipe: Recipe, samples, steps: int, state_path: Path, stages: StageRecorder, *,
+                        low_vram: bool = False, progress=None, should_cancel=None) -> None:
+    """Quantize `model` in place: from the saved calibrated state if there is one, else by calibrating
+    (then saving the state, so a later build resumes from it)."""
+    if state_path.is_file():
+        stages.run("calibrate (resumed from saved state)", lambda: load_calibrated_state(model, state_path))
+        return
+    loop = calibration_forward_loop(samples, steps, progress=progress, should_cancel=should_cancel)
+    if low_vram:
+        loop = _streamed(loop)
+    try:
+        stages.run("calibrate", lambda: quantize_transformer(model, recipe, loop))
+    except CalibrationCancelled as e:
+        raise EngineBuildCancelled(str(e)) from e
+    if low_vram:
+        move_quantizer_state(model, next(model.parameters()).device)
+    stages.run("save_calibrated_state", lambda: save_calibrated_state(model, recipe, state_path))
+
+
+def export_stage(model, onnx_path: Path, stages: StageRecorder) -> None:
+    stages.run("export_onnx", lambda: export_onnx(model, onnx_path))
+
+
+def _streamed(loop):
+    def streamed_loop(model):
+        with blocks_streamed_to(model, "cuda"):
+            loop(model)
+    return streamed_loop
 
 
 def cfg_from(request: EngineRequest):

@@ -56,6 +56,10 @@ class KontextBuildEngine(io.ComfyNode):
                 io.Int.Input("steps_per_sample", default=8, min=1, max=50,
                              tooltip="Sampling steps per calibration pair: activations are collected at each."),
                 io.Int.Input("max_samples", default=12, min=1, max=512, tooltip="Use at most this many pairs."),
+                io.Boolean.Input("low_vram", default=False,
+                                 tooltip="For cards smaller than the 16-bit model (22 GiB): weights stay in system "
+                                         "memory, calibration streams one block at a time to the GPU, export runs on "
+                                         "the CPU. fp8 recipe only."),
                 io.Boolean.Input("keep_onnx", default=False, tooltip="Keep the exported ONNX beside the engine."),
             ],
             outputs=[io.String.Output("engine_name", tooltip="File name in models/tensorrt, for the loader."),
@@ -64,7 +68,7 @@ class KontextBuildEngine(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, recipe, quantize_attention, profile, custom_min_side, custom_max_side,
-                calibration_set, steps_per_sample, max_samples, keep_onnx) -> io.NodeOutput:
+                calibration_set, steps_per_sample, max_samples, keep_onnx, low_vram=False) -> io.NodeOutput:
         sd = strip_prefix(diffusion_model_state_dict(model))
         config_from_state_dict(sd)  # refuses anything that is not a Flux / Kontext transformer
         dtypes = {t.dtype for t in sd.values()}
@@ -83,8 +87,11 @@ class KontextBuildEngine(io.ComfyNode):
         pairs = read_calibration_set(source)[:max_samples]
         samples = [encode_pair(pair, clip, vae, model) for pair in pairs]
 
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-        sd = strip_prefix(diffusion_model_state_dict(model))  # now on the GPU
+        if low_vram:
+            comfy.model_management.unload_all_models()  # the weights go back to system memory
+        else:
+            comfy.model_management.load_models_gpu([model], force_full_load=True)
+        sd = strip_prefix(diffusion_model_state_dict(model))
         bars = {}
 
         def progress(stage, done, total):
@@ -94,6 +101,7 @@ class KontextBuildEngine(io.ComfyNode):
         try:
             result = build_kontext_engine(sd, chosen, [shapes], samples, steps_per_sample, engine_store(),
                                           calibration_name=str(calibration_set.strip() or "default"), keep_onnx=keep_onnx,
+                                          low_vram=low_vram,
                                           compute_capability=cc if trt.flavour == "tensorrt_rtx" else None,
                                           progress=progress, should_cancel=comfy.model_management.processing_interrupted,
                                           trt=trt)

@@ -55,7 +55,7 @@ def test_real_engine_from_calibrated_fp8_model(sd, pairs, tmp_path):
     assert profile["image_tokens"][1] == 2 * 4096 and profile["image_tokens"][0] < 8192 < profile["image_tokens"][2]
     assert meta["tensorrt"]["flavour"] == "tensorrt_rtx" and meta["target"] == "8.9"
     assert meta["recipe"]["name"] == "fp8" and meta["recipe"]["attention"]["q"] == "fp8_per_tensor"
-    assert set(meta["stages"]) == {"calibrate", "export_onnx", "build_engine"}
+    assert set(meta["stages"]) == {"calibrate", "save_calibrated_state", "export_onnx", "build_engine"}
     assert meta["engine_bytes"] == result.engine.stat().st_size
     # Nothing half-written or temporary is left: the engine, its sidecar, the calibrated state.
     names = files(store)

@@ -69,3 +69,20 @@ def test_svdquant_adds_rank32_branches_and_leaves_the_callers_weights(data, tmp_
     # The same calibration, up to GPU kernel nondeterminism: far below the quantization error (~0.1).
     cos, rel = output_error(x_out[(0, 0.5)], step_outputs(restored, held[:1], (0.5,))[(0, 0.5)])
     assert rel < 2e-3, rel
+
+
+def test_low_vram_calibration_streams_blocks_and_keeps_weights_in_cpu_memory(data, tmp_path):
+    from engines.build import StageRecorder, calibrate_or_resume
+
+    pairs, held, reference = data
+    model, sd = tiny_model(device="cpu")
+    torch.cuda.reset_peak_memory_stats()
+    calibrate_or_resume(model, load_recipe("fp8"), pairs, 2, tmp_path / "s.safetensors", StageRecorder(cuda=True),
+                        low_vram=True)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert model.img_in.weight.data_ptr() == sd["img_in.weight"].data_ptr()  # still ComfyUI's tensor, no copy
+    block_bytes = sum(p.numel() * p.element_size() for p in model.single_blocks[0].parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert block_bytes < model_bytes / 3
+    amax = model.single_blocks[0].linear1.input_quantizer.amax
+    assert amax is not None and amax.device.type == "cpu"
