@@ -23,7 +23,7 @@ from .calibrated_state import load_calibrated_state, save_calibrated_state
 from .calibration import CalibrationCancelled, EncodedPair, calibration_forward_loop
 from .engine_store import EngineRequest, EngineStore, state_dict_fingerprint
 from .offload import blocks_streamed_to, move_quantizer_state
-from .onnx_export import export_onnx, remove_onnx
+from .onnx_export import export_onnx
 from .quantize import quantize_transformer
 from .recipes import Recipe
 from .shape_profiles import ShapeProfile
@@ -134,6 +134,7 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
             model_fingerprint=request.model_fingerprint, model_config=request.model_config,
             recipe=json.loads(request.recipe), profiles=list(request.profiles), calibration=calibration,
             tensorrt={"flavour": trt.flavour, "version": trt.version}, target=request.target,
+            build_gpu=_gpu_description(),
             pack_version=request.pack_version, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             io={name: {"dtype": dtype, "shape": list(shape)} for name, (dtype, shape) in io.items()},
             stages=stages.stages)
@@ -143,7 +144,6 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
             # The folder moves whole: the .onnx names its external data file relative to itself.
             workdir.replace(store.root / f"{request.name()}.onnx.d")
         else:
-            remove_onnx(onnx_path)
             shutil.rmtree(workdir, ignore_errors=True)
     return BuildResult(path, state_path, cached=False, stages=stages.stages)
 
@@ -169,6 +169,14 @@ def calibrate_or_resume(model, recipe: Recipe, samples, steps: int, state_path: 
 
 def export_stage(model, onnx_path: Path, stages: StageRecorder) -> None:
     stages.run("export_onnx", lambda: export_onnx(model, onnx_path))
+
+
+def _gpu_description() -> dict | None:
+    """The GPU this build ran on (None on a CPU-only machine: an ahead-of-time TensorRT-RTX build)."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
 
 
 def _streamed(loop):

@@ -54,6 +54,8 @@ def test_real_engine_from_calibrated_fp8_model(sd, pairs, tmp_path):
     assert profile["batch"] == [1, 1, 2] and profile["text_tokens"] == [256, 512, 512]
     assert profile["image_tokens"][1] == 2 * 4096 and profile["image_tokens"][0] < 8192 < profile["image_tokens"][2]
     assert meta["tensorrt"]["flavour"] == "tensorrt_rtx" and meta["target"] == "8.9"
+    assert meta["tensorrt"]["version"] == trt_rtx.__version__ and "build_gpu" in meta and meta["pack_version"]
+    assert len(meta["model_fingerprint"]) == 64 and meta["built_at"]
     assert meta["recipe"]["name"] == "fp8" and meta["recipe"]["attention"]["q"] == "fp8_per_tensor"
     assert set(meta["stages"]) == {"calibrate", "save_calibrated_state", "export_onnx", "build_engine"}
     assert meta["engine_bytes"] == result.engine.stat().st_size
