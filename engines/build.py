@@ -89,6 +89,7 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
     low_vram: sd stays in system memory; calibration streams one block at a time to the GPU and the
     export runs on the CPU (FP8 max calibration only: it never rewrites weights).
     """
+    recipe.check_exportable()  # before any calibration work
     trt = trt or import_tensorrt()
     model = transformer_from_state_dict(sd)
     calibration = {"set": calibration_name, "pairs": len(samples), "steps": steps}

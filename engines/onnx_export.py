@@ -10,6 +10,7 @@ full model into memory a second time (measured: 46 GiB peak instead of 24).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -37,8 +38,39 @@ def export_onnx(model, path: str | Path, batch: int = 1, target: tuple[int, int]
     param = next(model.parameters())
     x = example_inputs(model.config, batch=batch, target=target, references=[target], n_txt=n_txt,
                        dtype=model.dtype, device=param.device)
-    with torch.inference_mode():
+    nvfp4 = _has_block_quantizers(model)
+    context = contextlib.nullcontext()
+    if nvfp4:
+        from modelopt.torch.quantization.export_onnx import configure_linear_module_onnx_quantizers
+
+        # ModelOpt's NVFP4 export: weights as static FP4 Q/DQ, activations as TensorRT's dynamic FP4 quantize.
+        context = configure_linear_module_onnx_quantizers(model)
+    with context, torch.inference_mode():
         torch.onnx.export(model, tuple(x[name] for name in INPUT_NAMES), str(path), input_names=list(INPUT_NAMES),
                           output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES, opset_version=OPSET,
                           do_constant_folding=True, dynamo=False)
+    if nvfp4:
+        _compress_nvfp4_weights(path)
     return path
+
+
+def _has_block_quantizers(model) -> bool:
+    from torch import nn
+
+    return any(getattr(getattr(m, "weight_quantizer", None), "block_sizes", None) and m.weight_quantizer.is_enabled
+               for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def _compress_nvfp4_weights(path: Path) -> None:
+    """ModelOpt's NVFP4 exporter: 16-bit weights behind FP4 Q/DQ -> packed FP4 weights + two DQ (what
+    TensorRT's parser takes). It works on the loaded model, so the ONNX is held in memory once here."""
+    import onnx
+    from modelopt.onnx.export.nvfp4_exporter import NVFP4QuantExporter
+
+    proto = NVFP4QuantExporter.process_model(onnx.load(str(path), load_external_data=True))
+    external = sum(len(t.raw_data) for t in proto.graph.initializer) > 2**31 - 1  # protobuf's 2 GB limit
+    for f in path.parent.iterdir():
+        if f != path:
+            f.unlink()
+    onnx.save(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+              location=path.name + ".data")

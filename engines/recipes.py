@@ -51,6 +51,13 @@ class Recipe:
         used = set(self.gemm.values()) | set((self.attention or {}).values())
         return bool(used & CUDA_ONLY_FORMATS)
 
+    def check_exportable(self) -> None:
+        """TensorRT's fused FP8 attention takes per-tensor FP8 Q, K and V; ModelOpt exports nothing else."""
+        if self.attention and any(self.attention[r] != "fp8_per_tensor" for r in ("q", "k", "v")):
+            raise RecipeError(f"recipe {self.name}: attention with {self.attention['q']} Q/K has no TensorRT export in "
+                              "ModelOpt 0.47 (its fused FP8 attention takes per-tensor scales); build this recipe with "
+                              "attention quantization off")
+
     @property
     def rewrites_weights(self) -> bool:
         """SVDQuant subtracts the low-rank branch and AWQ-smooths the weights in place."""

@@ -77,6 +77,7 @@ class KontextBuildEngine(io.ComfyNode):
                              "load it with weight_dtype 'default'")
         trt = import_tensorrt()  # says up front when no TensorRT is installed
         chosen = load_recipe(recipe, attention=quantize_attention)
+        chosen.check_exportable()
         cc = gpu_compute_capability()
         check_build_target(chosen, trt.flavour, cc)
         shapes = custom_profile(custom_min_side, custom_max_side) if profile == "custom" else named_profile(profile)

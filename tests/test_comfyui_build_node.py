@@ -77,8 +77,10 @@ def test_build_node_writes_an_engine_and_reuses_it(node, setup):
 
 def test_build_node_refuses_what_it_cannot_do(node, setup, monkeypatch):
     module, model, folder = setup
-    with pytest.raises(RuntimeError, match=r"NVFP4 runs natively only on Blackwell|needs compute capability >= 10.0"):
+    with pytest.raises(ValueError, match=r"recipe nvfp4: attention with fp8_per_block32_dynamic Q/K has no TensorRT export"):
         run(node, model, recipe="nvfp4")
+    with pytest.raises(RuntimeError, match=r"recipe nvfp4 needs compute capability >= 10.0 \(Blackwell\); this GPU is 8.9"):
+        run(node, model, recipe="nvfp4", quantize_attention=False)
 
     class NotFlux:
         class model:

@@ -86,3 +86,26 @@ def test_low_vram_calibration_streams_blocks_and_keeps_weights_in_cpu_memory(dat
     assert block_bytes < model_bytes / 3
     amax = model.single_blocks[0].linear1.input_quantizer.amax
     assert amax is not None and amax.device.type == "cpu"
+
+
+def test_nvfp4_exports_packed_fp4_weights(data, tmp_path):
+    """ModelOpt's NVFP4 ONNX flow on our transformer. With KONTEXT_KEEP_EXPORT=<dir> the ONNX is kept
+    there; tests/data/tiny_nvfp4.onnx came from this test on an H100 (TensorRT-RTX builds it in CI)."""
+    import os
+    import shutil
+    from collections import Counter
+
+    import onnx
+
+    from engines.onnx_export import export_onnx
+
+    pairs, _, _ = data
+    model, _ = tiny_model(device="cuda", dtype=torch.float16)
+    quantize_transformer(model, load_recipe("nvfp4", attention=False), calibration_forward_loop(pairs, steps=2))
+    path = export_onnx(model, tmp_path / "tiny_nvfp4.onnx")
+    ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    print("nvfp4 onnx ops", dict(ops))
+    assert ops["TRT_FP4DynamicQuantize"] > 0 and ops["DequantizeLinear"] > 0
+    assert "TRT_FP4QDQ" not in ops  # every FP4 weight was compressed
+    if os.environ.get("KONTEXT_KEEP_EXPORT"):
+        shutil.copy(path, os.environ["KONTEXT_KEEP_EXPORT"])

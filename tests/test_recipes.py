@@ -13,7 +13,7 @@ def test_shipped_recipes():
     assert fp8.gemm == {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}
     assert fp8.attention == {"q": "fp8_per_tensor", "k": "fp8_per_tensor", "v": "fp8_per_tensor",
                              "softmax_output": "fp8_unit_range"}
-    assert nvfp4.gemm["weights"] == "nvfp4_block16_static" and nvfp4.attention["q"] == "fp8_per_block32_dynamic"
+    assert nvfp4.gemm["weights"] == "nvfp4_block16" and nvfp4.attention["q"] == "fp8_per_block32_dynamic"
     assert nvfp4.attention["v"] == "fp8_per_tensor"  # BMM2 stays FP8 per-tensor
     assert svd.algorithm == {"method": "svdquant", "lowrank": 32}
     for r in (fp8, nvfp4, svd):
@@ -66,3 +66,10 @@ def test_pattern_matching_no_layer_fails_before_calibration(tmp_path):
 def test_unknown_recipe_name():
     with pytest.raises(RecipeError, match=r"recipe: expected one of \[.*'fp8'.*\] or a .json path, got 'fp9'"):
         load_recipe("fp9")
+
+
+def test_unexportable_attention_is_refused_before_any_work():
+    load_recipe("fp8").check_exportable()
+    load_recipe("nvfp4", attention=False).check_exportable()
+    with pytest.raises(RecipeError, match=r"recipe nvfp4: attention with fp8_per_block32_dynamic Q/K has no TensorRT export"):
+        load_recipe("nvfp4").check_exportable()
