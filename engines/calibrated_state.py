@@ -96,7 +96,8 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     if attr == "weight":
         module.weight = nn.Parameter(tensor.to(module.weight.dtype), requires_grad=False)
     elif attr in dict(module.named_buffers(recurse=False)):
-        getattr(module, attr).data = tensor.to(getattr(module, attr).dtype) if getattr(module, attr) is not None else tensor
+        buffer = getattr(module, attr)
+        buffer.data = tensor.to(buffer.dtype)
     elif attr.startswith("_") and hasattr(type(module), attr[1:]):
         setattr(module, attr[1:], tensor)  # ModelOpt registers these buffers through a property setter
     else:

@@ -6,6 +6,7 @@ second CPU copy is ever made. Activations and ModelOpt's calibration statistics 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -26,7 +27,7 @@ def _swap_out(saved: list) -> None:
 
 
 @contextmanager
-def blocks_streamed_to(model: nn.Module, device) -> None:
+def blocks_streamed_to(model: nn.Module, device) -> Iterator[None]:
     """Run `model` on `device` with at most one transformer block's weights there at a time.
 
     Embedders and the final layer (small) stay on the device for the whole context. Weights must not
