@@ -26,6 +26,16 @@ class NotKontextError(ValueError):
     """A state dict that is not a Flux / Kontext transformer."""
 
 
+def checkpoint_prefix(keys) -> str:
+    """The prefix under which a checkpoint file's keys hold the transformer ('' for a bare one)."""
+    keys = set(keys)
+    for prefix in KNOWN_PREFIXES:
+        if prefix + "img_in.weight" in keys:
+            return prefix
+    raise NotKontextError(f"checkpoint: no Flux/Kontext transformer in it (no 'img_in.weight' under "
+                          f"{[p for p in KNOWN_PREFIXES if p]}); it has e.g. {sorted(keys)[:5]}")
+
+
 def strip_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The transformer's own keys, without a checkpoint prefix; the tensors themselves are not touched."""
     for prefix in KNOWN_PREFIXES:

@@ -1,0 +1,125 @@
+"""The PyTorch backend: the calibrated FP8 transformer run natively, no TensorRT needed.
+
+Built from the source checkpoint and a calibrated state, one tensor at a time: each quantized
+Linear's weight is read, cast to FP8 E4M3 with its calibrated scale and the 16-bit copy dropped, so
+the 16-bit model is never held whole (a Kontext costs ~12 GB, not 24). Layers the recipe keeps in
+16-bit stay 16-bit.
+
+FP8Linear runs `torch._scaled_mm` (real FP8 GEMMs with the calibrated static scales) on GPUs that
+have FP8 tensor cores (compute capability >= 8.9); elsewhere it computes in 16-bit from the FP8
+weights, quantizing activations the same way, so the numbers are the calibrated model's everywhere.
+Attention runs in 16-bit SDPA here.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .calibrated_state import read_state_metadata
+from .config import KontextConfig
+from .recipes import parse_recipe
+from .transformer import KontextTransformer
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+class BackendError(ValueError):
+    """A calibrated state or checkpoint this backend cannot run."""
+
+
+def quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def fp8_gemm_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class FP8Linear(nn.Module):
+    """y = (x quantized to FP8 with input_scale) @ (FP8 weight * weight_scale)^T + bias.
+
+    input_scale None: weight-only (16-bit activations), as the recipes use for the modulation GEMMs.
+    """
+
+    def __init__(self, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight_fp8)
+        self.register_buffer("weight_scale", weight_scale.float().reshape(()))
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_scale is not None and fp8_gemm_supported(x.device):
+            shape = x.shape
+            out = torch._scaled_mm(quantize_fp8(x.reshape(-1, shape[-1]), self.input_scale), self.weight.t(),
+                                   scale_a=self.input_scale, scale_b=self.weight_scale, bias=self.bias,
+                                   out_dtype=x.dtype)
+            return out.reshape(*shape[:-1], out.shape[-1])
+        if self.input_scale is not None:
+            x = (quantize_fp8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
+        weight = (self.weight.float() * self.weight_scale).to(x.dtype)
+        return F.linear(x, weight, self.bias)
+
+
+def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device="cpu",
+                         dtype: torch.dtype = torch.bfloat16) -> KontextTransformer:
+    """A KontextTransformer whose quantized Linears are FP8Linear, from a checkpoint and a calibrated state.
+
+    get_tensor(name) returns the checkpoint's tensor for a BFL key (e.g. a safetensors safe_open
+    handle's get_tensor), so tensors are read one at a time.
+    """
+    from safetensors import safe_open
+
+    meta = read_state_metadata(state_path)
+    recipe_data = json.loads(meta["recipe"])
+    recipe = parse_recipe(recipe_data, source=str(state_path), attention=recipe_data.get("attention") is not None)
+    if recipe.gemm != {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}:
+        raise BackendError(f"{state_path}: the PyTorch backend runs the fp8 recipe; this state is {recipe.name} "
+                           f"({recipe.gemm['weights']}): use its TensorRT engine")
+    config = KontextConfig.from_dict(json.loads(meta["kontext_config"]))
+    with safe_open(str(state_path), framework="pt") as f:
+        amax = {k: f.get_tensor(k) for k in f.keys() if k.endswith("._amax")}
+
+    with torch.device("meta"):
+        model = KontextTransformer(config, dtype=dtype)
+    keep = [p for p, _ in recipe.keep_16bit]
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        weight = get_tensor(f"{name}.weight")
+        if tuple(weight.shape) != (module.out_features, module.in_features):
+            raise BackendError(f"checkpoint: {name}.weight has shape {tuple(weight.shape)}, but the calibrated state "
+                               f"{state_path} was made for a model with ({module.out_features}, {module.in_features})")
+        weight = weight.to(device)
+        bias = get_tensor(f"{name}.bias").to(device, dtype) if module.bias is not None else None
+        if any(fnmatch.fnmatchcase(name, p) for p in keep):
+            replacement = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+            replacement.load_state_dict({"weight": weight.to(dtype), **({"bias": bias} if bias is not None else {})},
+                                        assign=True)
+        else:
+            w_amax = amax.get(f"{name}.weight_quantizer._amax")
+            if w_amax is None:
+                raise BackendError(f"{state_path}: no calibrated weight scale for {name}")
+            i_amax = amax.get(f"{name}.input_quantizer._amax")
+            w_scale = w_amax.to(device).float() / FP8_MAX
+            replacement = FP8Linear(quantize_fp8(weight, w_scale), w_scale, bias,
+                                    None if i_amax is None else i_amax.to(device).float() / FP8_MAX)
+        del weight
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    for name, p in list(model.named_parameters()):  # the RMSNorm scales
+        if p.is_meta:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, nn.Parameter(get_tensor(name).to(device, dtype), requires_grad=False))
+    return model.eval().requires_grad_(False)
+
+
+def transformer_bytes(model: nn.Module) -> int:
+    """GPU memory the backend's weights take (what ComfyUI's model management should count)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

@@ -1,0 +1,74 @@
+"""A ComfyUI MODEL over a token-level backend: ComfyUI's own Flux input handling, no 16-bit weights.
+
+BackendFlux subclasses ComfyUI's Flux for its `_forward` (patchify, the reference-latent methods
+offset / index / uxo and whatever ComfyUI adds, unpatchify) and replaces only `forward_orig`, the
+token-level cut of the engine contract. It creates no layers, so the MODEL costs the backend's
+memory only. What the backend cannot honour is refused, never ignored.
+"""
+import torch
+
+import comfy.ldm.flux.model
+import comfy.model_base
+import comfy.model_patcher
+import comfy.supported_models
+
+
+class BackendUnsupported(RuntimeError):
+    """A ComfyUI feature that cannot reach a quantized / compiled transformer."""
+
+
+class BackendFlux(comfy.ldm.flux.model.Flux):
+    def __init__(self, image_model=None, final_layer=True, dtype=None, device=None, operations=None, **kwargs):
+        torch.nn.Module.__init__(self)  # not Flux.__init__: it would allocate the 16-bit layers
+        self.dtype = dtype
+        self.params = comfy.ldm.flux.model.FluxParams(**kwargs)
+        self.patch_size = self.params.patch_size
+        self.in_channels = self.params.in_channels * self.patch_size * self.patch_size
+        self.out_channels = self.params.out_channels * self.patch_size * self.patch_size
+        self.hidden_size, self.num_heads = self.params.hidden_size, self.params.num_heads
+        self.backend = None
+
+    def forward_orig(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
+                     transformer_options={}, attn_mask=None):
+        if control is not None:
+            raise BackendUnsupported("ControlNet: its residuals are added inside the transformer blocks, which a "
+                                     "quantized/compiled Kontext does not expose; use the original model")
+        replaced = transformer_options.get("patches_replace", {}).get("dit", {})
+        if replaced:
+            raise BackendUnsupported(f"block patches ({sorted(map(str, replaced))[:3]}): they replace transformer "
+                                     "blocks, which a quantized/compiled Kontext does not expose")
+        if transformer_options.get("patches", {}):
+            raise BackendUnsupported(f"model patches {sorted(transformer_options['patches'])}: not applied by this "
+                                     "backend")
+        if attn_mask is not None:
+            raise BackendUnsupported("attention masks: this backend runs unmasked attention")
+        if guidance is None:
+            raise BackendUnsupported("guidance: this Kontext backend needs a guidance value (FluxGuidance); "
+                                     "FluxDisableGuidance is not supported")
+        if y is None:
+            y = torch.zeros((img.shape[0], self.params.vec_in_dim), device=img.device, dtype=img.dtype)
+        out = self.backend(img, img_ids, txt, txt_ids, timesteps.float(), y, guidance.float())
+        return out.to(img.dtype)
+
+
+class BackendModelPatcher(comfy.model_patcher.ModelPatcher):
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        if patches:
+            raise BackendUnsupported("LoRA / weight patches cannot be applied to a quantized Kontext after it was built: "
+                                     "apply the LoRA to the 16-bit model before building (it is baked in then)")
+        return []
+
+
+def backend_model(backend: torch.nn.Module, config, size_bytes: int, dtype, load_device, offload_device):
+    """A ComfyUI MODEL (ModelPatcher) whose Flux forward runs `backend` (engine contract in, tokens out)."""
+    unet_config = dict(
+        image_model="flux", in_channels=config.in_channels // 4, out_channels=config.out_channels // 4, patch_size=2,
+        vec_in_dim=config.vec_in_dim, context_in_dim=config.context_in_dim, hidden_size=config.hidden_size,
+        mlp_ratio=config.mlp_ratio, num_heads=config.num_heads, depth=config.depth,
+        depth_single_blocks=config.depth_single_blocks, axes_dim=list(config.axes_dim), theta=config.theta,
+        qkv_bias=config.qkv_bias, guidance_embed=config.guidance_embed)
+    model_config = comfy.supported_models.Flux(unet_config)
+    model_config.set_inference_dtype(dtype, None)
+    model = comfy.model_base.Flux(model_config, device=offload_device, unet_model=BackendFlux)
+    model.diffusion_model.backend = backend
+    return BackendModelPatcher(model, load_device=load_device, offload_device=offload_device, size=size_bytes)
