@@ -1,0 +1,123 @@
+"""The TensorRT backend: a built engine run on torch tensors, on ComfyUI's current CUDA stream.
+
+Everything that decides (does this engine fit this machine; which optimization profile takes this
+input; how to split a batch no profile takes) is plain logic here, tested without a GPU. The part
+that touches TensorRT is kept thin and written to TensorRT's documented Python API (Runtime,
+deserialize_cuda_engine, create_execution_context, set_optimization_profile_async, set_input_shape,
+set_tensor_address, execute_async_v3). NOT RUN ANYWHERE YET: no GPU available to this project runs
+a TensorRT engine (see README).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import KontextConfig
+from .contract import INPUT_NAMES, OUTPUT_NAME, check_inputs
+from .shape_profiles import ProfileError, ShapeProfile
+
+TORCH_DTYPES = {"HALF": torch.float16, "BF16": torch.bfloat16, "FLOAT": torch.float32}
+
+
+class EngineMismatch(RuntimeError):
+    """An engine built for another model family, TensorRT, or GPU than this machine's."""
+
+
+def check_engine_metadata(meta: dict, flavour: str, version: str, gpu: tuple[int, int] | None, gpu_name: str = "") -> None:
+    """Explain, before any GPU memory is touched, why this engine cannot run here."""
+    if meta.get("model_config", {}).get("hidden_size") is None or "recipe" not in meta:
+        raise EngineMismatch("engine: its sidecar does not describe a Kontext transformer engine")
+    built = meta["tensorrt"]
+    if built["flavour"] != flavour:
+        raise EngineMismatch(f"engine: built with {built['flavour']} {built['version']}, but this ComfyUI has {flavour} "
+                             f"{version}; engines do not move between TensorRT flavours: rebuild it")
+    if built["version"] != version:
+        raise EngineMismatch(f"engine: built with {flavour} {built['version']}, this ComfyUI has {version}; TensorRT "
+                             "engines only load in the version that built them: rebuild it")
+    if gpu is None:
+        raise EngineMismatch("engine: TensorRT engines run on an NVIDIA GPU; none was found")
+    target = meta.get("target", "")
+    cc = f"{gpu[0]}.{gpu[1]}"
+    if not target.endswith(cc):
+        raise EngineMismatch(f"engine: built for GPU {target!r}, this GPU is {gpu_name or 'compute capability'} {cc}: "
+                             "rebuild it on this machine")
+    if flavour == "tensorrt_rtx" and gpu == (9, 0):
+        raise EngineMismatch("engine: TensorRT-RTX does not run on compute capability 9.0 (H100 / H200)")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    profile: int
+    start: int  # batch rows [start, stop)
+    stop: int
+
+
+def plan_batches(profiles: list[ShapeProfile], batch: int, image_tokens: int, text_tokens: int) -> list[Chunk]:
+    """Which profile runs which rows: the first profile whose token ranges fit, the batch split into
+    pieces of at most that profile's max batch (ComfyUI may send cond + uncond and more at once)."""
+    for i, p in enumerate(profiles):
+        if p.image_tokens[0] <= image_tokens <= p.image_tokens[2] and p.text_tokens[0] <= text_tokens <= p.text_tokens[2]:
+            step = p.batch[2]
+            return [Chunk(i, s, min(s + step, batch)) for s in range(0, batch, step)]
+    p = profiles[0]
+    p.check(1, image_tokens, text_tokens)  # raises, naming the range and the value
+    raise ProfileError(f"engine: no profile takes {image_tokens} image and {text_tokens} text tokens")
+
+
+class TensorRTBackend(nn.Module):
+    """Engine contract in, target tokens out, through a deserialized engine. Holds no torch parameters."""
+
+    def __init__(self, engine_path: str | Path, meta: dict, trt, config: KontextConfig):
+        super().__init__()
+        self.config = config
+        self.profiles = [ShapeProfile(p["name"], tuple(p["batch"]), tuple(p["image_tokens"]), tuple(p["text_tokens"]))
+                         for p in meta["profiles"]]
+        self.io_dtypes = {name: TORCH_DTYPES[v["dtype"]] for name, v in meta["io"].items()}
+        m = trt.module
+        self._logger = m.Logger(m.Logger.WARNING)
+        self._runtime = m.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self._engine is None:
+            raise EngineMismatch(f"engine {Path(engine_path).name}: TensorRT could not deserialize it")
+        self._context = self._engine.create_execution_context()
+        self._profile = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.io_dtypes["img"]
+
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+                guidance: Tensor) -> Tensor:
+        check_inputs(self.config, img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        inputs = dict(zip(INPUT_NAMES, (img, img_ids, txt, txt_ids, timesteps, y, guidance)))
+        chunks = plan_batches(self.profiles, img.shape[0], img.shape[1], txt.shape[1])
+        outs = [self._run(c.profile, {k: v[c.start:c.stop] for k, v in inputs.items()}) for c in chunks]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _run(self, profile: int, inputs: dict[str, Tensor]) -> Tensor:
+        stream = torch.cuda.current_stream().cuda_stream  # ComfyUI's stream: no sync with other work needed
+        if self._profile != profile:
+            self._context.set_optimization_profile_async(profile, stream)
+            self._profile = profile
+        bound = {}
+        for name, t in inputs.items():
+            t = t.to(self.io_dtypes[name]).contiguous()  # no-op when ComfyUI already sends the engine's dtype
+            bound[name] = t  # keep alive until the engine has run
+            self._context.set_input_shape(name, tuple(t.shape))
+            self._context.set_tensor_address(name, t.data_ptr())
+        img = inputs["img"]
+        out = torch.empty((img.shape[0], img.shape[1], self.config.out_channels), dtype=self.io_dtypes[OUTPUT_NAME],
+                          device=img.device)
+        self._context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
+        if not self._context.execute_async_v3(stream):
+            raise RuntimeError("TensorRT: execute_async_v3 failed (see ComfyUI's log for TensorRT's message)")
+        return out
+
+
+def engine_device_bytes(engine_path: str | Path) -> int:
+    """What ComfyUI's model management should count: the engine's weights (~its file) plus activations
+    are reported by TensorRT only after deserializing; the file size is the honest lower bound before."""
+    return Path(engine_path).stat().st_size
