@@ -121,3 +121,24 @@ def engine_device_bytes(engine_path: str | Path) -> int:
     """What ComfyUI's model management should count: the engine's weights (~its file) plus activations
     are reported by TensorRT only after deserializing; the file size is the honest lower bound before."""
     return Path(engine_path).stat().st_size
+
+
+def choose_backend(requested: str, meta: dict, trt_or_error, gpu: tuple[int, int] | None, gpu_name: str = "") -> tuple[str, str]:
+    """("tensorrt" | "pytorch", why). auto: TensorRT when this engine can run here, else PyTorch.
+
+    trt_or_error: the imported TensorRT (tensorrt_build.TensorRT) or the exception importing it raised.
+    An explicit "tensorrt" that cannot run raises the reason instead of falling back.
+    """
+    if requested not in ("auto", "tensorrt", "pytorch"):
+        raise ValueError(f"backend: expected 'auto', 'tensorrt' or 'pytorch', got {requested!r}")
+    if requested == "pytorch":
+        return "pytorch", "asked for"
+    try:
+        if isinstance(trt_or_error, Exception):
+            raise EngineMismatch(str(trt_or_error))
+        check_engine_metadata(meta, trt_or_error.flavour, trt_or_error.version, gpu, gpu_name)
+    except EngineMismatch as e:
+        if requested == "tensorrt":
+            raise
+        return "pytorch", f"the TensorRT engine cannot run here ({e})"
+    return "tensorrt", "the engine matches this GPU and TensorRT"

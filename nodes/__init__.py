@@ -5,11 +5,10 @@ from comfy_api.latest import ComfyExtension, io
 
 from .build_engine import KontextBuildEngine
 from .folders import register_tensorrt_folder
-from .load_engine import KontextLoadEngine
 from .load_quantized import KontextLoadQuantized
 from .model_info import KontextModelInfo
 
-NODES: list[type[io.ComfyNode]] = [KontextModelInfo, KontextBuildEngine, KontextLoadQuantized, KontextLoadEngine]
+NODES: list[type[io.ComfyNode]] = [KontextModelInfo, KontextBuildEngine, KontextLoadQuantized]
 
 
 class KontextTRTExtension(ComfyExtension):

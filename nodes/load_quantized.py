@@ -1,4 +1,5 @@
-import os
+import logging
+from pathlib import Path
 
 import torch
 from comfy_api.latest import io
@@ -6,24 +7,15 @@ from comfy_api.latest import io
 import comfy.model_management
 import folder_paths
 
+from ..engines.config import KontextConfig
+from ..engines.runtime_tensorrt import TensorRTBackend, choose_backend, engine_device_bytes
 from ..engines.runtime_torch import load_fp8_transformer, transformer_bytes
 from ..engines.state_dict import checkpoint_prefix
+from ..engines.tensorrt_build import TensorRTMissing, import_tensorrt
 from .backend_model import backend_model
-from .folders import FOLDER
+from .folders import FOLDER, engine_store
 
 STATE_SUFFIX = ".calibration.safetensors"
-
-
-def calibrated_states() -> list[str]:
-    return sorted(f for d in folder_paths.get_folder_paths(FOLDER) if os.path.isdir(d)
-                  for f in os.listdir(d) if f.endswith(STATE_SUFFIX))
-
-
-def state_path(name: str) -> str:
-    for d in folder_paths.get_folder_paths(FOLDER):
-        if os.path.isfile(os.path.join(d, name)):
-            return os.path.join(d, name)
-    raise FileNotFoundError(f"calibrated_state: {name!r} is not in {folder_paths.get_folder_paths(FOLDER)}")
 
 
 class KontextLoadQuantized(io.ComfyNode):
@@ -31,31 +23,50 @@ class KontextLoadQuantized(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="KontextTRT_LoadQuantized",
-            display_name="Kontext TRT: Load Quantized Model (PyTorch)",
+            display_name="Kontext TRT: Load Quantized Model",
             category="Kontext TRT",
-            description="FLUX.1 Kontext with FP8 weights from a calibrated state (made by Build Engine), run by "
-                        "PyTorch: real FP8 GEMMs on GPUs with compute capability >= 8.9. Works with KSampler, CFG, "
-                        "FluxGuidance and ReferenceLatent; refuses LoRA, ControlNet and block patches.",
+            description="A quantized FLUX.1 Kontext (made by Build Engine) as a MODEL for KSampler, CFG, FluxGuidance "
+                        "and ReferenceLatent: the TensorRT engine, or the same calibrated FP8 model run by PyTorch. "
+                        "Refuses LoRA, ControlNet and block patches.",
             inputs=[
-                io.Combo.Input("calibrated_state", options=calibrated_states(),
-                               tooltip="A *.calibration.safetensors from models/tensorrt (fp8 recipe)."),
+                io.Combo.Input("engine", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="An engine in models/tensorrt with its .json sidecar."),
+                io.Combo.Input("backend", options=["auto", "tensorrt", "pytorch"], default="auto",
+                               tooltip="auto: the TensorRT engine when it can run on this GPU and TensorRT, else "
+                                       "PyTorch (the log says why). pytorch: FP8 GEMMs on compute capability >= 8.9."),
                 io.Combo.Input("checkpoint", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="The FLUX.1 Kontext [dev] checkpoint the state was calibrated from; read one "
-                                       "tensor at a time, never held in 16-bit."),
+                               tooltip="PyTorch backend only: the Kontext checkpoint the engine was built from; read "
+                                       "one tensor at a time, never held in 16-bit."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, calibrated_state, checkpoint) -> io.NodeOutput:
+    def execute(cls, engine, backend, checkpoint) -> io.NodeOutput:
+        path = Path(folder_paths.get_full_path_or_raise(FOLDER, engine))
+        meta = engine_store().read_metadata(path)
+        try:
+            trt = import_tensorrt(meta["tensorrt"]["flavour"])
+        except TensorRTMissing as e:
+            trt = e
+        gpu = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        chosen, why = choose_backend(backend, meta, trt, gpu, torch.cuda.get_device_name() if gpu else "")
+        logging.info("Kontext TRT: %s runs on the %s backend: %s", engine, chosen, why)
+        config = KontextConfig.from_dict(meta["model_config"])
+        device = comfy.model_management.get_torch_device()
+        offload = comfy.model_management.unet_offload_device()
+        if chosen == "tensorrt":
+            runner = TensorRTBackend(path, meta, trt, config)
+            return io.NodeOutput(backend_model(runner, config, engine_device_bytes(path), runner.dtype, device, offload))
+
         from safetensors import safe_open
 
-        device = comfy.model_management.get_torch_device()
+        state = path.with_name(path.stem + STATE_SUFFIX)
+        if not state.is_file():
+            raise FileNotFoundError(f"engine {engine}: its calibrated state {state.name} (needed by the PyTorch backend) "
+                                    "is missing; rebuild with Build Engine")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         with safe_open(folder_paths.get_full_path_or_raise("diffusion_models", checkpoint), framework="pt") as f:
             prefix = checkpoint_prefix(f.keys())
-            backend = load_fp8_transformer(lambda key: f.get_tensor(prefix + key), state_path(calibrated_state),
-                                           device=device, dtype=dtype)
-        model = backend_model(backend, backend.config, transformer_bytes(backend), dtype, load_device=device,
-                              offload_device=comfy.model_management.unet_offload_device())
-        return io.NodeOutput(model)
+            runner = load_fp8_transformer(lambda key: f.get_tensor(prefix + key), state, device=device, dtype=dtype)
+        return io.NodeOutput(backend_model(runner, config, transformer_bytes(runner), dtype, device, offload))

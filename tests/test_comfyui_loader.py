@@ -19,28 +19,29 @@ def setup(tmp_path_factory):
     import folder_paths
     from safetensors.torch import save_file
 
-    from engines.calibrated_state import save_calibrated_state
-    from engines.calibration import calibration_forward_loop
-    from engines.quantize import quantize_transformer
+    from engines.build import build_kontext_engine
+    from engines.engine_store import EngineStore
     from engines.recipes import load_recipe
-    from engines.state_dict import transformer_from_state_dict
+    from engines.shape_profiles import named_profile
+    from engines.tensorrt_build import import_tensorrt
 
+    pytest.importorskip("tensorrt_rtx")
     tmp = tmp_path_factory.mktemp("loader")
     nodes = load_pack_into_comfyui(tmp_path_factory.mktemp("custom_nodes"))
     sd = random_state_dict(CFG, seed=3)
-    model = transformer_from_state_dict(dict(sd))
-    recipe = load_recipe("fp8", attention=False)
-    quantize_transformer(model, recipe, calibration_forward_loop(encoded_pairs(tmp, n=3), steps=3))
-    (tmp / "tensorrt").mkdir()
-    save_calibrated_state(model, recipe, tmp / "tensorrt" / "tiny.calibration.safetensors")
+    # What the Build Engine node leaves in models/tensorrt: a real engine (TensorRT-RTX, built on this CPU
+    # for compute capability 8.9), its sidecar and the calibrated state the PyTorch backend runs.
+    engine = build_kontext_engine(sd, load_recipe("fp8", attention=False), [named_profile("kontext_1ref")],
+                                  encoded_pairs(tmp, n=3), steps=3, store=EngineStore(tmp / "tensorrt"),
+                                  compute_capability=(8, 9), trt=import_tensorrt("tensorrt_rtx")).engine
     (tmp / "diffusion_models").mkdir()
     save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(tmp / "diffusion_models" / "tiny_kontext.safetensors"))
     saved = {k: folder_paths.folder_names_and_paths.get(k) for k in ("tensorrt", "diffusion_models")}
     folder_paths.folder_names_and_paths["tensorrt"] = ([str(tmp / "tensorrt")], {".engine", ".plan"})
     folder_paths.folder_names_and_paths["diffusion_models"] = ([str(tmp / "diffusion_models")], {".safetensors"})
     folder_paths.filename_list_cache.clear()
-    loaded = nodes["KontextTRT_LoadQuantized"].execute("tiny.calibration.safetensors", "tiny_kontext.safetensors").result[0]
-    yield tiny_comfy_kontext(CFG, sd), loaded, nodes
+    loaded = nodes["KontextTRT_LoadQuantized"].execute(engine.name, "auto", "tiny_kontext.safetensors").result[0]
+    yield tiny_comfy_kontext(CFG, sd), loaded, nodes, engine.name
     for k, v in saved.items():
         folder_paths.folder_names_and_paths[k] = v
 
@@ -65,7 +66,7 @@ def sample(model, cfg_scale, seed=0):
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.5], ids=["cfg1", "cfg2.5_batched"])
 def test_comfyui_sampling_matches_the_original_model(setup, cfg_scale):
-    original, loaded, _ = setup
+    original, loaded, _, _ = setup
     from engines.quantize import output_error
 
     want, got = sample(original, cfg_scale), sample(loaded, cfg_scale)
@@ -80,7 +81,7 @@ def test_dropping_the_reference_changes_the_result(setup):
     """Guards the test above: the reference latent reaches the quantized backend."""
     import comfy.sample
 
-    _, loaded, _ = setup
+    _, loaded, _, _ = setup
     latent = torch.zeros(1, 16, 16, 16)
     noise = comfy.sample.prepare_noise(latent, 0)
     g = torch.Generator().manual_seed(42)
@@ -93,13 +94,13 @@ def test_dropping_the_reference_changes_the_result(setup):
 
 
 def test_loaded_model_costs_fp8_memory_not_16bit(setup):
-    original, loaded, _ = setup
+    original, loaded, _, _ = setup
     assert loaded.model_size() < 0.6 * original.model_size()
     assert not any(p.numel() for n, p in loaded.model.diffusion_model.named_parameters() if not n.startswith("backend."))
 
 
 def test_refusals(setup):
-    _, loaded, nodes = setup
+    _, loaded, nodes, engine = setup
     backend_flux = loaded.model.diffusion_model
     errors = sys.modules[type(backend_flux).__module__].BackendUnsupported
     args = (torch.zeros(1, 4, 64), torch.zeros(1, 4, 3), torch.zeros(1, 2, CFG.context_in_dim), torch.zeros(1, 2, 3),
@@ -112,3 +113,18 @@ def test_refusals(setup):
         backend_flux.forward_orig(*args, attn_mask=torch.zeros(1))
     with pytest.raises(errors, match="LoRA"):
         loaded.clone().add_patches({"diffusion_model.img_in.weight": (torch.zeros(1),)}, 1.0)
+
+
+def test_backend_choice_on_this_machine(setup, caplog):
+    """auto ran PyTorch above (no GPU here runs TensorRT) and said why; an explicit tensorrt is refused."""
+    _, loaded, nodes, engine = setup
+    import logging
+
+    assert type(loaded.model.diffusion_model.backend).__name__ == "KontextTransformer"
+    node = nodes["KontextTRT_LoadQuantized"]
+    with caplog.at_level(logging.INFO):
+        node.execute(engine, "auto", "tiny_kontext.safetensors")
+    assert "runs on the pytorch backend: the TensorRT engine cannot run here" in caplog.text
+    errors = sys.modules[node.__module__].choose_backend.__globals__["EngineMismatch"]
+    with pytest.raises(errors, match="TensorRT engines run on an NVIDIA GPU; none was found"):
+        node.execute(engine, "tensorrt", "tiny_kontext.safetensors")

@@ -38,3 +38,20 @@ def test_profile_choice_and_batch_split():
         plan_batches([one_ref], 1, 16384, 512)
     with pytest.raises(ProfileError, match=r"text tokens must be within 256..512, got 600"):
         plan_batches([ShapeProfile("p", (1, 1, 2), (10, 20, 30), (256, 512, 512))], 1, 20, 600)
+
+
+def test_backend_choice():
+    from engines.runtime_tensorrt import choose_backend
+    from engines.tensorrt_build import TensorRT, TensorRTMissing
+
+    rtx = TensorRT(None, "tensorrt_rtx", "1.7.1.116")
+    assert choose_backend("auto", META, rtx, (8, 9))[0] == "tensorrt"
+    backend, why = choose_backend("auto", META, rtx, None)
+    assert backend == "pytorch" and "none was found" in why
+    backend, why = choose_backend("auto", META, TensorRTMissing("no TensorRT is installed"), (8, 9))
+    assert backend == "pytorch" and "no TensorRT is installed" in why
+    assert choose_backend("pytorch", META, rtx, (8, 9))[0] == "pytorch"
+    with pytest.raises(EngineMismatch, match="none was found"):  # asked for TensorRT: no fallback
+        choose_backend("tensorrt", META, rtx, None)
+    with pytest.raises(ValueError, match="backend: expected"):
+        choose_backend("onnx", META, rtx, (8, 9))
