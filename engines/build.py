@@ -28,7 +28,7 @@ from .quantize import quantize_transformer
 from .recipes import Recipe
 from .shape_profiles import ShapeProfile
 from .state_dict import transformer_from_state_dict
-from .tensorrt_build import EngineBuildCancelled, TensorRT, build_engine, import_tensorrt, network_io
+from .tensorrt_build import EngineBuildCancelled, TensorRT, build_engine, import_tensorrt
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -122,13 +122,12 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
     onnx_path = workdir / "kontext.onnx"
     try:
         export_stage(model, onnx_path, stages)
-        io = network_io(onnx_path, trt)
         del model  # the 16-bit module and its quantizers are not needed by TensorRT's builder
         if cuda:
             torch.cuda.empty_cache()
         cancel_point("the TensorRT build")
         timing_cache = store.root / f"timing_cache_{trt.flavour}_{trt.version}_{request.target.replace(' ', '_')}.cache"
-        engine = stages.run("build_engine", lambda: build_engine(
+        built = stages.run("build_engine", lambda: build_engine(
             onnx_path, cfg_from(request), list(profiles), timing_cache=timing_cache,
             compute_capability=compute_capability, progress=report("build_engine"), should_cancel=should_cancel, trt=trt))
         metadata = dict(
@@ -137,9 +136,9 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
             tensorrt={"flavour": trt.flavour, "version": trt.version}, target=request.target,
             build_gpu=_gpu_description(),
             pack_version=request.pack_version, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            io={name: {"dtype": dtype, "shape": list(shape)} for name, (dtype, shape) in io.items()},
+            io={name: {"dtype": dtype, "shape": list(shape)} for name, (dtype, shape) in built.io.items()},
             stages=stages.stages)
-        path = store.save(request, engine, metadata)
+        path = store.save(request, built.serialized, metadata)
     finally:
         if keep_onnx and onnx_path.is_file():
             # The folder moves whole: the .onnx names its external data file relative to itself.

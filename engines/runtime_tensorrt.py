@@ -118,8 +118,8 @@ class TensorRTBackend(nn.Module):
 
 
 def engine_device_bytes(engine_path: str | Path) -> int:
-    """What ComfyUI's model management should count: the engine's weights (~its file) plus activations
-    are reported by TensorRT only after deserializing; the file size is the honest lower bound before."""
+    """The size ComfyUI's model management is told: the engine file (its weights). TensorRT's activation
+    memory is not included, so this is a lower bound."""
     return Path(engine_path).stat().st_size
 
 

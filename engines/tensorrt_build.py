@@ -31,6 +31,12 @@ class EngineBuildCancelled(RuntimeError):
 
 
 @dataclass(frozen=True)
+class BuiltEngine:
+    serialized: bytes
+    io: dict[str, tuple[str, tuple[int, ...]]]  # {name: (dtype, shape)} as TensorRT parsed the network
+
+
+@dataclass(frozen=True)
 class TensorRT:
     module: object
     flavour: str  # "tensorrt" or "tensorrt_rtx"
@@ -119,8 +125,9 @@ def _progress_monitor_class(trt_module):
 def build_engine(onnx_path: str | Path, cfg: KontextConfig, profiles: list[ShapeProfile], *,
                  timing_cache: str | Path | None = None, compute_capability: tuple[int, int] | None = None,
                  progress: Callable[[int, int, str], None] | None = None,
-                 should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None) -> bytes:
-    """Parse the ONNX and build a serialized engine with one optimization profile per ShapeProfile."""
+                 should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None) -> BuiltEngine:
+    """Parse the ONNX and build a serialized engine with one optimization profile per ShapeProfile;
+    returns it with the network's I/O names, dtypes and shapes (for the sidecar, without a second parse)."""
     trt = trt or import_tensorrt()
     m = trt.module
     logger = _logger_class(m)()
@@ -133,6 +140,9 @@ def build_engine(onnx_path: str | Path, cfg: KontextConfig, profiles: list[Shape
         raise EngineBuildError(f"TensorRT ({trt.flavour} {trt.version}) could not parse {onnx_path}: " +
                                "; ".join(errors + logger.messages[-5:]))
 
+    tensors = [network.get_input(i) for i in range(network.num_inputs)] + \
+              [network.get_output(i) for i in range(network.num_outputs)]
+    io = {t.name: (t.dtype.name, tuple(t.shape)) for t in tensors}
     config = builder.create_builder_config()
     inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     for profile in profiles:
@@ -170,18 +180,5 @@ def build_engine(onnx_path: str | Path, cfg: KontextConfig, profiles: list[Shape
 
         data = bytes(config.get_timing_cache().serialize())
         write_atomically(timing_cache, lambda tmp: tmp.write_bytes(data))
-    return bytes(serialized)
+    return BuiltEngine(bytes(serialized), io)
 
-
-def network_io(onnx_path: str | Path, trt: TensorRT | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (dtype, shape)} of the parsed network's inputs and outputs, as TensorRT sees them."""
-    trt = trt or import_tensorrt()
-    m = trt.module
-    logger = _logger_class(m)()
-    network = m.Builder(logger).create_network(1 << int(m.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = m.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        raise EngineBuildError(f"could not parse {onnx_path}: {[str(parser.get_error(i)) for i in range(parser.num_errors)]}")
-    tensors = [network.get_input(i) for i in range(network.num_inputs)] + \
-              [network.get_output(i) for i in range(network.num_outputs)]
-    return {t.name: (t.dtype.name, tuple(t.shape)) for t in tensors}
