@@ -42,8 +42,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="sampling steps per calibration pair")
     p.add_argument("--eval-pairs", type=int, default=2)
     p.add_argument("--sigmas", default="0.9,0.7,0.5,0.3,0.1")
+    p.add_argument("--eager-fp8", action="store_true",
+                   help="ModelOpt's eager FP8 fake-quant (same math) instead of compiling its CUDA extension (~1 min)")
     p.add_argument("--out", default="output/accuracy_report.json")
     args = p.parse_args(argv)
+    if args.eager_fp8:
+        from modelopt.torch.quantization import extensions
+        extensions.get_cuda_ext_fp8.extension = None
     sigmas = tuple(float(s) for s in args.sigmas.split(","))
     device = "cuda"
 
@@ -66,6 +71,14 @@ def main(argv=None) -> int:
     print(f"model ready ({source}) in {time.perf_counter() - t0:.0f} s; "
           f"{held[0].reference.shape[1] * 2 + 512} tokens per attention", flush=True)
 
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, source=source, size=args.size,
+               calib_pairs=len(calib), steps=args.steps, eval_pairs=len(held), sigmas=sigmas)
+    try:
+        import modelopt
+        env["modelopt"] = modelopt.__version__
+    except ImportError:
+        pass
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.recipes.split(","):
         attention = name.endswith("+attn")
@@ -83,19 +96,11 @@ def main(argv=None) -> int:
                             counts=report.counts, rows=[r.__dict__ for r in rows]))
         print(f"{name}: calibrated in {calib_s:.0f} s; " + ", ".join(
             f"sigma {r.sigma}: cos {r.cosine_min:.4f} relL2 {r.rel_l2_mean:.4f}" for r in rows), flush=True)
+        Path(args.out).write_text(json.dumps(dict(env=env, results=results), indent=2))  # each variant as it ends
         del model
         gc.collect()
         torch.cuda.empty_cache()
 
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, source=source, size=args.size,
-               calib_pairs=len(calib), steps=args.steps, eval_pairs=len(held), sigmas=sigmas)
-    try:
-        import modelopt
-        env["modelopt"] = modelopt.__version__
-    except ImportError:
-        pass
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(env=env, results=results), indent=2))
     print(markdown(env, results))
     return 0
 

@@ -1,7 +1,8 @@
 """Quantization recipes: the files in quant_configs/, checked, and turned into a ModelOpt config.
 
 A recipe names formats per role (GEMM weights and activations; attention Q, K, V and softmax
-output) and the layers that stay in 16-bit with the reason. Everything is checked before anything
+output), the layers that take another format (gemm_overrides: mixed precision; weight_only) and the
+layers that stay in 16-bit, each with the reason. Everything is checked before anything
 is calibrated: an unknown format, a missing field, or a 16-bit pattern that matches no layer of the
 model raises RecipeError naming the file and the field.
 """
@@ -44,11 +45,14 @@ class Recipe:
     attention: dict[str, str] | None  # None: attention stays 16-bit
     keep_16bit: tuple[tuple[str, str], ...]  # (module-name pattern, why)
     weight_only: tuple[tuple[str, str, str], ...] = ()  # (pattern, weight format, why): inputs stay 16-bit
+    # (pattern, weight format, activation format, why): layers in another format than `gemm` (mixed precision)
+    gemm_overrides: tuple[tuple[str, str, str, str], ...] = ()
 
     @property
     def needs_cuda(self) -> bool:
         """ModelOpt fake-quantizes some formats only on CUDA (NVFP4, dynamic per-block FP8)."""
-        used = set(self.gemm.values()) | set((self.attention or {}).values())
+        used = (set(self.gemm.values()) | set((self.attention or {}).values())
+                | {f for _, w, a, _ in self.gemm_overrides for f in (w, a)})
         return bool(used & CUDA_ONLY_FORMATS)
 
     def check_exportable(self) -> None:
@@ -69,7 +73,9 @@ class Recipe:
             min_compute_capability=".".join(map(str, self.min_compute_capability)), algorithm=self.algorithm,
             gemm=self.gemm, attention=self.attention,
             keep_16bit=[dict(layers=p, why=w) for p, w in self.keep_16bit],
-            weight_only=[dict(layers=p, weights=f, why=w) for p, f, w in self.weight_only]), sort_keys=True)
+            weight_only=[dict(layers=p, weights=f, why=w) for p, f, w in self.weight_only],
+            gemm_overrides=[dict(layers=p, weights=wf, activations=af, why=w) for p, wf, af, w in self.gemm_overrides]),
+            sort_keys=True)
 
     def modelopt_config(self, model: nn.Module) -> dict:
         """ModelOpt's list-form config for this model, after checking every pattern matches a Linear.
@@ -79,7 +85,8 @@ class Recipe:
         so none of its patterns for other model families ("*proj_out*") can drop a layer here.
         """
         linear_names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        for section, entries in (("keep_16bit", self.keep_16bit), ("weight_only", self.weight_only)):
+        for section, entries in (("keep_16bit", self.keep_16bit), ("weight_only", self.weight_only),
+                                 ("gemm_overrides", self.gemm_overrides)):
             for pattern, *_ in entries:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in linear_names):
                     raise RecipeError(f"{self.source}: {section} layers {pattern!r} matches no Linear layer of the "
@@ -89,12 +96,20 @@ class Recipe:
                    {"quantizer_name": "*input_quantizer", "cfg": _attrs(self.gemm["activations"])}]
         for role, fmt in (self.attention or {}).items():
             entries.append({"quantizer_name": f"*.{ATTENTION_QUANTIZERS[role]}", "cfg": _attrs(fmt)})
+        for pattern, weights, activations, _ in self.gemm_overrides:
+            entries.append({"quantizer_name": f"{pattern}.weight_quantizer", "cfg": _attrs(weights)})
+            entries.append({"quantizer_name": f"{pattern}.input_quantizer", "cfg": _attrs(activations)})
         for pattern, fmt, _ in self.weight_only:
             entries.append({"quantizer_name": f"{pattern}.weight_quantizer", "cfg": _attrs(fmt)})
             entries.append({"quantizer_name": f"{pattern}.input_quantizer", "enable": False})
         for pattern, _ in self.keep_16bit:
             entries.append({"quantizer_name": f"{pattern}.*_quantizer", "enable": False})
-        return {"quant_cfg": entries, "algorithm": copy.deepcopy(self.algorithm)}
+        algorithm = copy.deepcopy(self.algorithm)
+        if self.rewrites_weights:
+            # SVDQuant's low-rank branch is for the NVFP4 layers; layers the recipe puts in FP8 are max-calibrated
+            # (and skip its per-layer float64 SVD, the slowest part of its calibration at full size).
+            algorithm["skip_layers"] = [p for p, *_ in self.gemm_overrides + self.weight_only]
+        return {"quant_cfg": entries, "algorithm": algorithm}
 
 
 def _attrs(fmt: str) -> dict:
@@ -169,6 +184,9 @@ def parse_recipe(data: dict, source: str, attention: bool = True) -> Recipe:
     weight_only = tuple((field(e, "layers", str, f"weight_only[{i}]."), fmt(e, "weights", f"weight_only[{i}]."),
                          field(e, "why", str, f"weight_only[{i}]."))
                         for i, e in enumerate(field(data, "weight_only", list) if "weight_only" in data else []))
+    overrides = tuple((field(e, "layers", str, f"gemm_overrides[{i}]."), fmt(e, "weights", f"gemm_overrides[{i}]."),
+                       fmt(e, "activations", f"gemm_overrides[{i}]."), field(e, "why", str, f"gemm_overrides[{i}]."))
+                      for i, e in enumerate(field(data, "gemm_overrides", list) if "gemm_overrides" in data else []))
     cc = field(data, "min_compute_capability", str)
     try:
         major, minor = (int(x) for x in cc.split("."))
@@ -177,4 +195,4 @@ def parse_recipe(data: dict, source: str, attention: bool = True) -> Recipe:
     return Recipe(name=field(data, "name", str), source=source, description=field(data, "description", str),
                   min_compute_capability=(major, minor), algorithm=dict(algorithm), gemm=gemm,
                   attention=attention_cfg if attention else None, keep_16bit=keep,
-                  weight_only=weight_only)
+                  weight_only=weight_only, gemm_overrides=overrides)

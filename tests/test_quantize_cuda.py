@@ -2,6 +2,8 @@
 
 Marked `cuda`; skipped without an NVIDIA GPU. Run on the lent H100 (see README for the results).
 """
+import fnmatch
+
 import pytest
 import torch
 from quant_helpers import encoded_pairs, tiny_model
@@ -38,9 +40,13 @@ def test_nvfp4_quantizes_per_recipe_and_stays_close(data):
     pairs, held, reference = data
     model, _, _, report = quantized("nvfp4", pairs)
     n_blocks = len(model.double_blocks) + len(model.single_blocks)
-    token_path = len(report.linear_quantized) - len(report.linear_weight_only)
-    assert report.counts["weight_quantizer nvfp4 per-block16"] == report.counts["input_quantizer nvfp4 per-block16"] == token_path
-    assert report.counts["weight_quantizer fp8 per-tensor"] == len(report.linear_weight_only) > 0
+    recipe = load_recipe("nvfp4")
+    fp8_layers = [n for n in report.linear_quantized if any(fnmatch.fnmatchcase(n, p) for p, *_ in recipe.gemm_overrides)]
+    assert len(fp8_layers) == 4 * len(model.double_blocks)  # the image stream's qkv, proj, mlp.0, mlp.2
+    nvfp4_layers = len(report.linear_quantized) - len(report.linear_weight_only) - len(fp8_layers)
+    assert report.counts["weight_quantizer nvfp4 per-block16"] == report.counts["input_quantizer nvfp4 per-block16"] == nvfp4_layers
+    assert report.counts["input_quantizer fp8 per-tensor"] == len(fp8_layers)
+    assert report.counts["weight_quantizer fp8 per-tensor"] == len(report.linear_weight_only) + len(fp8_layers)
     assert report.counts["q_bmm_quantizer fp8 per-block32"] == report.counts["k_bmm_quantizer fp8 per-block32"] == n_blocks
     assert report.counts["v_bmm_quantizer fp8 per-tensor"] == report.counts["softmax_quantizer fp8 per-tensor"] == n_blocks
     rows = error_table(reference, step_outputs(model, held, SIGMAS))
@@ -52,9 +58,12 @@ def test_nvfp4_quantizes_per_recipe_and_stays_close(data):
 def test_svdquant_adds_rank32_branches_and_leaves_the_callers_weights(data, tmp_path):
     pairs, held, reference = data
     model, sd, originals, report = quantized("svdquant_nvfp4", pairs)
-    qkv = model.double_blocks[0].img_attn.qkv
+    qkv = model.double_blocks[0].txt_attn.qkv  # an NVFP4 layer
     assert tuple(qkv.weight_quantizer.svdquant_lora_a.shape) == (32, qkv.in_features)
     assert tuple(qkv.weight_quantizer.svdquant_lora_b.shape) == (qkv.out_features, 32)
+    # The layers the recipe puts in FP8 (image stream, modulation) are max-calibrated, with no low-rank branch.
+    for fp8_layer in (model.double_blocks[0].img_attn.qkv, model.single_blocks[0].modulation.lin):
+        assert getattr(fp8_layer.weight_quantizer, "svdquant_lora_a", None) is None
     for k, v in sd.items():  # ComfyUI's tensors: SVDQuant rewrote private copies only
         assert torch.equal(v, originals[k]), k
     rows = error_table(reference, step_outputs(model, held, SIGMAS))

@@ -50,6 +50,9 @@ def broken(tmp_path, change):
     (lambda d: d.update(format="other/2"), r"broken.json: field 'format' must be"),
     (lambda d: d["algorithm"].update(method="gptq"), r"broken.json: field 'algorithm.method' names unknown algorithm"),
     (lambda d: d.update(min_compute_capability="new"), r"broken.json: field 'min_compute_capability' must look like"),
+    (lambda d: d.update(gemm_overrides=[{"layers": "double_blocks.*.img_mlp.*", "weights": "fp8_per_tensor",
+                                         "activations": "int3", "why": "x"}]),
+     r"broken.json: field 'gemm_overrides\[0\].activations' names unknown format 'int3'"),
 ])
 def test_broken_recipe_names_file_and_field(tmp_path, change, message):
     with pytest.raises(RecipeError, match=message):
@@ -60,6 +63,23 @@ def test_pattern_matching_no_layer_fails_before_calibration(tmp_path):
     recipe = load_recipe(broken(tmp_path, lambda d: d["keep_16bit"].append({"layers": "proj_out", "why": "x" * 30})))
     model, _ = tiny_model()
     with pytest.raises(RecipeError, match=r"broken.json: keep_16bit layers 'proj_out' matches no Linear"):
+        recipe.modelopt_config(model)
+
+
+def test_gemm_overrides_put_the_named_layers_in_their_own_format_after_the_default(tmp_path):
+    """Mixed precision: the nvfp4 recipe keeps the double blocks' image stream in FP8."""
+    model, _ = tiny_model()
+    recipe = load_recipe("nvfp4")
+    assert {p for p, *_ in recipe.gemm_overrides} == {"double_blocks.*.img_attn.*", "double_blocks.*.img_mlp.*"}
+    entries = load_recipe("nvfp4").modelopt_config(model)["quant_cfg"]
+    names = [e["quantizer_name"] for e in entries]
+    default, override = names.index("*input_quantizer"), names.index("double_blocks.*.img_mlp.*.input_quantizer")
+    assert default < override  # ModelOpt applies entries in order: the override must come later
+    assert entries[override]["cfg"]["num_bits"] == [4, 3] and entries[default]["cfg"]["num_bits"] == [2, 1]
+    assert '"gemm_overrides"' in recipe.to_json()
+    recipe = load_recipe(broken(tmp_path, lambda d: d.update(gemm_overrides=[
+        {"layers": "double_blocks.*.img_norm", "weights": "fp8_per_tensor", "activations": "fp8_per_tensor", "why": "x"}])))
+    with pytest.raises(RecipeError, match=r"gemm_overrides layers 'double_blocks.\*.img_norm' matches no Linear"):
         recipe.modelopt_config(model)
 
 
