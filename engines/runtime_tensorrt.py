@@ -68,22 +68,40 @@ def plan_batches(profiles: list[ShapeProfile], batch: int, image_tokens: int, te
 
 
 class TensorRTBackend(nn.Module):
-    """Engine contract in, target tokens out, through a deserialized engine. Holds no torch parameters."""
+    """Engine contract in, target tokens out, through a deserialized engine. Holds no torch parameters.
+
+    The engine is deserialized when it first runs and released by release() (the ComfyUI MODEL calls
+    it when ComfyUI unloads the model), so its GPU memory follows ComfyUI's model management.
+    """
 
     def __init__(self, engine_path: str | Path, meta: dict, trt, config: KontextConfig):
         super().__init__()
         self.config = config
+        self.engine_path = Path(engine_path)
         self.profiles = [ShapeProfile(p["name"], tuple(p["batch"]), tuple(p["image_tokens"]), tuple(p["text_tokens"]))
                          for p in meta["profiles"]]
         self.io_dtypes = {name: TORCH_DTYPES[v["dtype"]] for name, v in meta["io"].items()}
         m = trt.module
         self._logger = m.Logger(m.Logger.WARNING)
         self._runtime = m.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        self._engine = self._context = self._profile = None
+
+    def _ensure_loaded(self) -> None:
+        if self._context is not None:
+            return
+        self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self._engine is None:
-            raise EngineMismatch(f"engine {Path(engine_path).name}: TensorRT could not deserialize it")
+            raise EngineMismatch(f"engine {self.engine_path.name}: TensorRT could not deserialize it")
         self._context = self._engine.create_execution_context()
         self._profile = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._context is not None
+
+    def release(self) -> None:
+        """Free the engine's GPU memory (weights and activation workspace); the next call loads it again."""
+        self._context = self._engine = self._profile = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,6 +116,7 @@ class TensorRTBackend(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _run(self, profile: int, inputs: dict[str, Tensor]) -> Tensor:
+        self._ensure_loaded()
         stream = torch.cuda.current_stream().cuda_stream  # ComfyUI's stream: no sync with other work needed
         if self._profile != profile:
             self._context.set_optimization_profile_async(profile, stream)

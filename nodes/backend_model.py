@@ -47,11 +47,34 @@ class BackendFlux(comfy.ldm.flux.model.Flux):
                                      "FluxDisableGuidance is not supported")
         if y is None:
             y = torch.zeros((img.shape[0], self.params.vec_in_dim), device=img.device, dtype=img.dtype)
-        out = self.backend(img, img_ids, txt, txt_ids, timesteps.float(), y, guidance.float())
+        # ComfyUI's Flux embeds guidance as time_factor * guidance in the model's dtype (guidance arrives cast to it):
+        # in BF16, 1000 * 2.5 rounds to 2496. The backend embeds in float32, so it is handed that same product.
+        guidance = (guidance.to(img.dtype) * 1000.0).float() / 1000.0
+        out = self.backend(img, img_ids, txt, txt_ids, timesteps.float(), y, guidance)
         return out.to(img.dtype)
 
 
 class BackendModelPatcher(comfy.model_patcher.ModelPatcher):
+    """ComfyUI's ModelPatcher for a backend that is loaded and unloaded whole.
+
+    ComfyUI's lowvram mode streams comfy.ops layers from CPU memory one at a time; FP8 buffers and a
+    TensorRT engine cannot be streamed, so the MODEL always loads whole (ComfyUI frees other models
+    for it first) and partial unloads become full ones, which also release a TensorRT engine.
+    """
+
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load=True)
+
+    def partially_unload(self, device_to, memory_to_free=0):
+        return 0  # ComfyUI then unloads the whole model (LoadedModel.model_unload -> detach)
+
+    def detach(self, unpatch_all=True):
+        model = super().detach(unpatch_all)
+        release = getattr(self.model.diffusion_model.backend, "release", None)
+        if release is not None:
+            release()
+        return model
+
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
         if patches:
             raise BackendUnsupported("LoRA / weight patches cannot be applied to a quantized Kontext after it was built: "

@@ -128,3 +128,38 @@ def test_backend_choice_on_this_machine(setup, caplog):
     errors = sys.modules[node.__module__].choose_backend.__globals__["EngineMismatch"]
     with pytest.raises(errors, match="TensorRT engines run on an NVIDIA GPU; none was found"):
         node.execute(engine, "tensorrt", "tiny_kontext.safetensors")
+
+
+def test_model_management_loads_whole_and_unload_releases_the_backend(setup, monkeypatch):
+    """lowvram streaming cannot apply to FP8 buffers or an engine: ComfyUI gets all or nothing, and an
+    unload reaches the backend (a TensorRT engine frees its GPU memory there)."""
+    _, loaded, _, _ = setup
+    model = loaded.clone()
+    released = []
+    monkeypatch.setattr(model.model.diffusion_model.backend, "release", lambda: released.append(True), raising=False)
+    model.partially_load(torch.device("cpu"), extra_memory=1)  # ComfyUI offering 1 byte: loads whole anyway
+    assert model.loaded_size() == model.model_size() and not model.model.model_lowvram
+    assert model.partially_unload(torch.device("cpu"), memory_to_free=1) == 0  # -> ComfyUI unloads it whole
+    model.detach()
+    assert released == [True] and model.loaded_size() == 0
+
+
+def test_bf16_backend_sees_what_comfyuis_bf16_flux_sees(setup):
+    """In BF16 ComfyUI's Flux embeds guidance as 1000 * guidance rounded to BF16 (2496 for 2.5); a backend
+    embedding 2500 drifts far from the original over sampling. Same weights, no quantization: only the
+    path differs, so the results must agree to BF16 rounding."""
+    import comfy.model_management
+
+    _, _, nodes, _ = setup
+    backend_model = sys.modules[nodes["KontextTRT_LoadQuantized"].__module__].backend_model
+    from engines import transformer_from_state_dict
+
+    sd = {k: v.to(torch.bfloat16) for k, v in random_state_dict(CFG, seed=5).items()}
+    cpu = torch.device("cpu")
+    original = tiny_comfy_kontext(CFG, sd, dtype=torch.bfloat16)
+    ours = backend_model(transformer_from_state_dict(sd), CFG, 0, torch.bfloat16, cpu, cpu)
+    from engines.quantize import output_error
+
+    cos, rel = output_error(sample(original, 1.0).float(), sample(ours, 1.0).float())
+    comfy.model_management.unload_all_models()
+    assert cos > 0.999 and rel < 0.03, (cos, rel)

@@ -1,0 +1,177 @@
+"""Full-size FLUX.1 Kontext [dev] through ComfyUI's own sampling on the PyTorch FP8 backend, on one GPU.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/comfyui_fp8_sampling.py [--steps 4] [--out result.json]
+
+The loader's path end to end, with random weights: ModelOpt calibrates the fp8 recipe (the Build
+node's stage), the calibrated state is saved and read back, load_fp8_transformer builds the FP8
+transformer one tensor at a time, backend_model wraps it as ComfyUI's Flux MODEL, and
+comfy.sample.sample runs a 1024^2 edit with a 1024^2 reference latent at CFG 1 and at CFG 2.5
+(cond and uncond batched). Reports the FP8 weights' size, peak GPU memory while sampling, what an
+unload frees, seconds per step, and the final latent's cosine to ComfyUI's own BF16 Flux on the
+same weights and inputs (with the pack's own BF16 transformer on the same path as the drift floor,
+and a 1-step run for one model call's error). Timings here are ComfyUI's eager path, not the benchmark of issue 7.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engines import KONTEXT_DEV, random_state_dict, transformer_from_state_dict  # noqa: E402
+from engines.calibrated_state import save_calibrated_state  # noqa: E402
+from engines.calibration import (StandInEncoder, calibration_forward_loop, read_calibration_set,  # noqa: E402
+                                 write_default_calibration_set)
+from engines.quantize import output_error, quantize_transformer  # noqa: E402
+from engines.recipes import load_recipe  # noqa: E402
+from engines.runtime_torch import load_fp8_transformer, transformer_bytes  # noqa: E402
+
+GIB = 2**30
+
+
+def import_comfyui(path: str):
+    sys.path.insert(0, path)
+    import comfy.model_management  # noqa: F401  (reads ComfyUI's default arguments: GPU, normal VRAM)
+    # nodes/backend_model.py needs only comfy.*; loaded by path since ComfyUI owns the name "nodes".
+    spec = importlib.util.spec_from_file_location("kontext_backend_model", ROOT / "nodes" / "backend_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def comfy_flux(sd, cfg, device):
+    """ComfyUI's own Flux (comfy.model_base.Flux) in BF16 over the same weights."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=cfg.vec_in_dim,
+                       context_in_dim=cfg.context_in_dim, hidden_size=cfg.hidden_size, mlp_ratio=cfg.mlp_ratio,
+                       num_heads=cfg.num_heads, depth=cfg.depth, depth_single_blocks=cfg.depth_single_blocks,
+                       axes_dim=list(cfg.axes_dim), theta=cfg.theta, qkv_bias=cfg.qkv_bias,
+                       guidance_embed=cfg.guidance_embed)
+    model_config = comfy.supported_models.Flux(unet_config)
+    model_config.set_inference_dtype(torch.bfloat16, None)
+    model = model_config.get_model({}, device="meta")  # only the diffusion model's layers: no 24 GB allocated twice
+    model.diffusion_model.load_state_dict(sd, strict=True, assign=True)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def conditioning(seed, reference, cfg):
+    g = torch.Generator().manual_seed(seed)
+    extra = {"pooled_output": torch.randn(1, cfg.vec_in_dim, generator=g), "guidance": 2.5,
+             "reference_latents": [reference]}
+    return [[torch.randn(1, 512, cfg.context_in_dim, generator=g), extra]]
+
+
+def sample(model, cfg, cfg_scale, steps):
+    """A 1024^2 edit: 128x128 latent, a 128x128 reference latent, 512 text tokens; (latent, s/step, peak GiB)."""
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(42)
+    reference = torch.randn(1, 16, 128, 128, generator=g)
+    latent = torch.zeros(1, 16, 128, 128)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    out = comfy.sample.sample(model, noise, steps, cfg_scale, "euler", "simple", conditioning(1, reference, cfg),
+                              conditioning(2, reference, cfg), latent, seed=0, disable_pbar=True)
+    torch.cuda.synchronize()
+    return out.float().cpu(), (time.perf_counter() - t) / steps, torch.cuda.max_memory_allocated() / GIB
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (or COMFYUI_PATH)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--eager-fp8", action="store_true",
+                   help="ModelOpt's eager FP8 fake-quant for calibration (same math, no ~1 min CUDA extension build)")
+    p.add_argument("--out", default="output/comfyui_fp8_sampling.json")
+    args = p.parse_args(argv)
+    if not args.comfyui:
+        p.error("--comfyui or COMFYUI_PATH: a ComfyUI checkout is needed")
+    if args.eager_fp8:
+        from modelopt.torch.quantization import extensions
+        extensions.get_cuda_ext_fp8.extension = None
+    backend_model_module = import_comfyui(args.comfyui)
+    import comfy.model_management as mm
+
+    device, cfg = mm.get_torch_device(), KONTEXT_DEV
+    sd = {k: v.cpu() for k, v in random_state_dict(cfg, seed=0, dtype=torch.bfloat16, device=device).items()}
+    torch.cuda.empty_cache()
+
+    # The Build node's calibration stage, on the GPU, then its saved state.
+    recipe = load_recipe("fp8", attention=False)
+    calibrated = transformer_from_state_dict({k: v.to(device) for k, v in sd.items()})
+    pairs_dir = write_default_calibration_set(Path(tempfile.mkdtemp()) / "calib", size=1024)
+    encode = StandInEncoder(cfg, n_txt=512)
+    pairs = [encode(pair, 1024) for pair in read_calibration_set(pairs_dir)][:3]
+    quantize_transformer(calibrated, recipe, calibration_forward_loop(pairs, steps=4))
+    state = save_calibrated_state(calibrated, recipe, Path(tempfile.mkdtemp()) / "kontext_fp8.calibration.safetensors")
+    del calibrated
+    gc.collect()
+    torch.cuda.empty_cache()
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, steps=args.steps,
+                  resolution="1024x1024 edit + 1024x1024 reference latent, 512 text tokens (8704 tokens)")
+
+    # The loader's PyTorch backend: weights read one at a time from the (here in-memory) checkpoint.
+    base_allocated = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runner = load_fp8_transformer(lambda key: sd[key], state, device=device, dtype=torch.bfloat16)
+    result["fp8_weights_gib"] = round(transformer_bytes(runner) / GIB, 2)
+    result["load_peak_gib"] = round((torch.cuda.max_memory_allocated() - base_allocated) / GIB, 2)
+    quantized = backend_model_module.backend_model(runner, cfg, transformer_bytes(runner), torch.bfloat16, device,
+                                                   torch.device("cpu"))
+    runs = ((1.0, args.steps), (2.5, args.steps), (1.0, 1))  # the last: one model call's error, no compounding
+    outputs = {}
+    for cfg_scale, steps in runs:
+        latent, step_s, peak = sample(quantized, cfg, cfg_scale, steps)
+        outputs["fp8", cfg_scale, steps] = latent
+        result[f"fp8_cfg{cfg_scale}_{steps}steps"] = dict(peak_gib=round(peak, 2), s_per_step=round(step_s, 3))
+        print(f"fp8 cfg {cfg_scale}, {steps} steps: peak {peak:.2f} GiB, {step_s:.3f} s/step", flush=True)
+    before = torch.cuda.memory_allocated()
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    result["unload_freed_gib"] = round((before - torch.cuda.memory_allocated()) / GIB, 2)
+    result["allocated_after_unload_gib"] = round(torch.cuda.memory_allocated() / GIB, 2)
+    print(f"unload freed {result['unload_freed_gib']} GiB; {result['allocated_after_unload_gib']} GiB left", flush=True)
+    del quantized, runner
+    gc.collect()
+
+    # Two BF16 references: ComfyUI's own Flux, and the pack's BF16 transformer behind the same backend path.
+    # Their difference is how far BF16 rounding alone drifts over sampling with these random weights.
+    pack_bf16 = backend_model_module.backend_model(transformer_from_state_dict(sd), cfg, 0, torch.bfloat16, device,
+                                                   torch.device("cpu"))
+    for name, model in (("comfyui_bf16", comfy_flux(sd, cfg, device)), ("pack_bf16", pack_bf16)):
+        for cfg_scale, steps in runs:
+            latent, step_s, peak = sample(model, cfg, cfg_scale, steps)
+            outputs[name, cfg_scale, steps] = latent
+            print(f"{name} cfg {cfg_scale}, {steps} steps: peak {peak:.2f} GiB, {step_s:.3f} s/step", flush=True)
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+    del model, pack_bf16
+    for cfg_scale, steps in runs:
+        ref = outputs["comfyui_bf16", cfg_scale, steps]
+        for name in ("fp8", "pack_bf16"):
+            cos, rel = output_error(ref, outputs[name, cfg_scale, steps])
+            result[f"{name}_vs_comfyui_bf16_cfg{cfg_scale}_{steps}steps"] = dict(cosine=round(cos, 5), rel_l2=round(rel, 4))
+            print(f"{name} vs ComfyUI BF16, cfg {cfg_scale}, {steps} steps: final latent cosine {cos:.5f}, "
+                  f"relative L2 {rel:.4f}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
