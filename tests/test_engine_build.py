@@ -128,3 +128,24 @@ def test_sidecar_is_written_after_the_engine(sd, pairs, tmp_path):
     with pytest.raises(EngineStoreError, match="has no metadata sidecar"):
         store.read_metadata(engine)
     assert store.engines() == []
+
+
+def test_nvfp4_onnx_from_the_gpu_builds_for_blackwell():
+    """tests/data/tiny_nvfp4.onnx: the nvfp4 recipe (attention off) on the tiny model, calibrated and exported
+    with ModelOpt's NVFP4 flow on an H100 (test_quantize_cuda.py::test_nvfp4_exports_packed_fp4_weights).
+    Its FP4-packed weights parse, and TensorRT-RTX builds it for SM 12.0 (RTX 50): the FP4 layers are real."""
+    from pathlib import Path
+
+    import onnx
+
+    from engines import tiny_config
+    from engines.shape_profiles import custom_profile
+
+    path = Path(__file__).parent / "data" / "tiny_nvfp4.onnx"
+    weights = onnx.load(str(path)).graph.initializer
+    assert any(w.data_type == onnx.TensorProto.FLOAT4E2M1 for w in weights)  # packed FP4, not fake-quant
+    assert any(w.data_type == onnx.TensorProto.FLOAT8E4M3FN for w in weights)  # the recipe's FP8 layers
+    built = build_engine(path, tiny_config(), [custom_profile(64, 128)], compute_capability=(12, 0),
+                         trt=import_tensorrt("tensorrt_rtx"))
+    assert len(built.serialized) > 0
+    assert built.io["img"][0] == "HALF" and built.io["out"] == ("HALF", (-1, -1, 64))

@@ -99,7 +99,7 @@ def test_low_vram_calibration_streams_blocks_and_keeps_weights_in_cpu_memory(dat
 
 def test_nvfp4_exports_packed_fp4_weights(data, tmp_path):
     """ModelOpt's NVFP4 ONNX flow on our transformer. With KONTEXT_KEEP_EXPORT=<dir> the ONNX is kept
-    there; tests/data/tiny_nvfp4.onnx came from this test on an H100 (TensorRT-RTX builds it in CI)."""
+    there; tests/data/tiny_nvfp4.onnx came from this test on an H100 (test_engine_build.py builds it in CI)."""
     import os
     import shutil
     from collections import Counter
