@@ -4,11 +4,13 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .build_engine import KontextBuildEngine
+from .edit_turn import KontextEditHistory, KontextEditTurn
 from .folders import register_tensorrt_folder
 from .load_quantized import KontextLoadQuantized
 from .model_info import KontextModelInfo
 
-NODES: list[type[io.ComfyNode]] = [KontextModelInfo, KontextBuildEngine, KontextLoadQuantized]
+NODES: list[type[io.ComfyNode]] = [KontextModelInfo, KontextBuildEngine, KontextLoadQuantized, KontextEditTurn,
+                                   KontextEditHistory]
 
 
 class KontextTRTExtension(ComfyExtension):

@@ -1,0 +1,109 @@
+"""Multi-turn editing: a turn is an instruction applied to the previous turn's result.
+
+A turn keeps its result as a latent, so the next turn edits that latent directly: no VAE decode /
+encode round trip between turns (each one adds drift). It also keeps its parent, so the whole
+history (instructions, seeds, settings, images) is one walk up the chain, and a branch is two turns
+sharing a parent. Turns are immutable: ComfyUI may hand the same turn to several nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+class EditInputError(ValueError):
+    """A turn's inputs that cannot make an edit; the message names the input."""
+
+
+@dataclass(frozen=True, eq=False)
+class EditTurn:
+    latent: Tensor  # [1, C, h, w]: this turn's result, the next turn's reference
+    image: Tensor  # [1, H, W, 3] in 0..1: the decoded result, for showing and the history
+    instruction: str
+    seed: int
+    steps: int
+    guidance: float
+    parent: EditTurn | None = None
+    source_image: Tensor | None = field(default=None, repr=False)  # first turn only: what was edited
+
+    @property
+    def number(self) -> int:
+        return 1 if self.parent is None else self.parent.number + 1
+
+    def history(self) -> list[EditTurn]:
+        """Every turn from the first to this one."""
+        turns, turn = [], self
+        while turn is not None:
+            turns.append(turn)
+            turn = turn.parent
+        return turns[::-1]
+
+    def describe(self) -> str:
+        return "\n".join(f"turn {t.number}: {t.instruction!r} (seed {t.seed}, {t.steps} steps, guidance {t.guidance})"
+                         for t in self.history())
+
+
+def check_instruction(instruction: str) -> str:
+    text = (instruction or "").strip()
+    if not text:
+        raise EditInputError("instruction: expected an edit instruction (e.g. 'make it dusk'), got an empty text")
+    return text
+
+
+def check_turn_source(image: Tensor | None, previous: EditTurn | None) -> None:
+    """A turn edits either a source image (the first turn) or the previous turn, never both or neither."""
+    if previous is not None and not isinstance(previous, EditTurn):
+        raise EditInputError(f"previous: expected a Kontext edit turn, got {type(previous).__name__}")
+    if image is not None and (not torch.is_tensor(image) or image.ndim != 4 or image.shape[-1] not in (3, 4)):
+        got = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+        raise EditInputError(f"image: expected an IMAGE [batch, height, width, 3], got {got}")
+    if image is None and previous is None:
+        raise EditInputError("image / previous: expected a source image (first turn) or the previous turn, got neither")
+    if image is not None and previous is not None:
+        raise EditInputError("image / previous: expected a source image (first turn) or the previous turn, got both; "
+                             "a later turn edits the previous turn's result")
+
+
+def check_latent_format(latent_channels: int, expected: int = 16) -> None:
+    if latent_channels != expected:
+        raise EditInputError(f"vae: expected the FLUX VAE ({expected} latent channels), got a VAE with "
+                             f"{latent_channels} latent channels")
+
+
+def history_sheet(turns: list[EditTurn], height: int = 384, caption_px: int = 56) -> Tensor:
+    """The source and every turn's image side by side, each with its instruction under it: [1, H, W, 3].
+
+    Drawn with Pillow (captions need text rendering, which torch does not do).
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    def to_pil(image: Tensor) -> Image.Image:
+        arr = (image[0, :, :, :3].clamp(0, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+        pil = Image.fromarray(arr)
+        return pil.resize((max(1, round(pil.width * height / pil.height)), height), Image.LANCZOS)
+
+    panels = []
+    first = turns[0]
+    if first.source_image is not None:
+        panels.append((to_pil(first.source_image), "source"))
+    panels += [(to_pil(t.image), f"{t.number}. {t.instruction}") for t in turns]
+    width = sum(p.width for p, _ in panels)
+    sheet = Image.new("RGB", (width, height + caption_px), "white")
+    draw = ImageDraw.Draw(sheet)
+    x = 0
+    for panel, caption in panels:
+        sheet.paste(panel, (x, 0))
+        draw.multiline_text((x + 6, height + 6), _wrap(caption, max(8, panel.width // 7)), fill="black")
+        x += panel.width
+    return torch.from_numpy(np.asarray(sheet, dtype=np.float32) / 255.0)[None]
+
+
+def _wrap(text: str, width: int, lines: int = 3) -> str:
+    import textwrap
+
+    wrapped = textwrap.wrap(text, width) or [""]
+    return "\n".join(wrapped[:lines - 1] + [textwrap.shorten(" ".join(wrapped[lines - 1:]), width)] if len(wrapped) >= lines
+                     else wrapped)

@@ -1,0 +1,197 @@
+"""Multi-turn editing through ComfyUI's own execution engine: a three-turn API graph on a tiny Kontext,
+ComfyUI's cache re-running only the turn whose instruction changed (and what follows it), and the
+errors a turn gives for inputs it cannot edit.
+
+MODEL and its sampling are ComfyUI's (tiny random-weight Flux); CLIP and VAE are stand-ins with FLUX's
+interfaces (a tiny T5-XXL / FLUX VAE cannot be built), registered as test-only loader nodes.
+"""
+import asyncio
+import uuid
+
+import pytest
+import torch
+
+from comfyui_checkout import import_comfyui, load_pack_into_comfyui, tiny_comfy_kontext
+from engines import random_state_dict, tiny_config
+
+CFG = tiny_config()
+CALLS = {"encode": [], "sample": 0}
+
+
+class StandInClip:
+    def tokenize(self, text):
+        CALLS["encode"].append(text)
+        return {"prompt": text}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        g = torch.Generator().manual_seed(sum(map(ord, tokens["prompt"])))
+        return [[torch.randn(1, 8, CFG.context_in_dim, generator=g), {"pooled_output": torch.randn(1, CFG.vec_in_dim, generator=g)}]]
+
+
+class StandInVae:
+    latent_channels = 16
+
+    def encode(self, pixels):  # [1, H, W, 3] in 0..1 -> [1, 16, H/8, W/8]
+        x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8)
+        return torch.cat([x] * 5 + [x[:, :1]], dim=1) * 2 - 1
+
+    def decode(self, latent):  # -> [1, H, W, 3]
+        return torch.nn.functional.interpolate((latent[:, :3] + 1) / 2, scale_factor=8).clamp(0, 1).movedim(1, -1)
+
+
+class TestKontextLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self):
+        return tiny_comfy_kontext(CFG, random_state_dict(CFG, seed=11)), StandInClip(), StandInVae()
+
+
+class TestSourceImage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self):
+        return (torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(3)),)
+
+
+def three_turns(instructions=("remove the people", "make it dusk", "add rain")):
+    turn = lambda i, src: {"class_type": "KontextTRT_EditTurn", "inputs": {  # noqa: E731
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "instruction": instructions[i], "seed": 7 + i,
+        "steps": 3, "guidance": 2.5, "resize": "keep", "reference_method": "offset", **src}}
+    return {"1": {"class_type": "TestKontextLoader", "inputs": {}},
+            "2": {"class_type": "TestSourceImage", "inputs": {}},
+            "10": turn(0, {"image": ["2", 0]}), "11": turn(1, {"previous": ["10", 1]}), "12": turn(2, {"previous": ["11", 1]}),
+            "13": {"class_type": "KontextTRT_EditHistory", "inputs": {"turn": ["12", 1]}},
+            "14": {"class_type": "PreviewImage", "inputs": {"images": ["13", 0]}}}
+
+
+class Server:
+    client_id = None
+    last_node_id = None
+    messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+@pytest.fixture(scope="module")
+def executor(tmp_path_factory):
+    import_comfyui()
+    import execution
+    import nodes
+
+    pack = load_pack_into_comfyui(tmp_path_factory.mktemp("custom_nodes"))
+    nodes.NODE_CLASS_MAPPINGS.update(TestKontextLoader=TestKontextLoader, TestSourceImage=TestSourceImage)
+    return execution.PromptExecutor(Server(), cache_type=False), pack
+
+
+def run(executor, prompt):
+    import execution
+
+    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    assert valid[0], valid[1:]
+    executor.execute(prompt, str(uuid.uuid4()), {}, valid[2])
+    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
+    return executor
+
+
+def test_three_turns_run_and_only_the_changed_turn_reruns(executor, monkeypatch):
+    import comfy.sample
+
+    executor, pack = executor
+    real_sample = comfy.sample.sample
+
+    def counting_sample(*a, **k):
+        CALLS["sample"] += 1
+        return real_sample(*a, **k)
+
+    monkeypatch.setattr(comfy.sample, "sample", counting_sample)
+    CALLS.update(encode=[], sample=0)
+    run(executor, three_turns())
+    assert CALLS["sample"] == 3 and CALLS["encode"] == ["remove the people", "make it dusk", "add rain"]
+    history = executor.history_result["outputs"]["14"]["images"]
+    assert len(history) == 1  # the history sheet was saved by ComfyUI's PreviewImage
+
+    CALLS.update(encode=[], sample=0)
+    run(executor, three_turns(("remove the people", "make it dusk", "add snow")))
+    # ComfyUI's cache kept turns 1 and 2: only turn 3 encoded its instruction and sampled again.
+    assert CALLS["sample"] == 1 and CALLS["encode"] == ["add snow"]
+    CALLS.update(encode=[], sample=0)
+    run(executor, three_turns(("remove the people", "make it night", "add snow")))
+    assert CALLS["sample"] == 2 and CALLS["encode"] == ["make it night", "add snow"]
+
+
+def test_turns_chain_latents_and_carry_their_history(executor):
+    executor, pack = executor
+    node = pack["KontextTRT_EditTurn"]
+    import nodes
+
+    model, clip, vae = nodes.NODE_CLASS_MAPPINGS["TestKontextLoader"]().load()
+    image = TestSourceImage().make()[0]
+    decodes = []
+    real_decode = vae.decode
+    vae.decode = lambda latent: decodes.append(latent) or real_decode(latent)
+    encodes = []
+    real_encode = vae.encode
+    vae.encode = lambda px: encodes.append(px) or real_encode(px)
+    args = dict(model=model, clip=clip, vae=vae, seed=1, steps=2, guidance=2.5, resize="keep")
+    first = node.execute(instruction="remove the people", image=image, **args).result[1]
+    second = node.execute(instruction="make it dusk", previous=first, **args).result[1]
+    branch = node.execute(instruction="make it sunny", previous=first, **args).result[1]
+    assert len(encodes) == 1  # only the source image was encoded: no VAE round trip between turns
+    assert [t.instruction for t in second.history()] == ["remove the people", "make it dusk"]
+    assert second.parent is first and branch.parent is first and second.number == branch.number == 2
+    assert first.source_image.shape == (1, 64, 80, 3) and first.latent.shape == (1, 16, 8, 10)
+    sheet, text = pack["KontextTRT_EditHistory"].execute(second).result
+    assert sheet.shape[0] == 1 and sheet.shape[-1] == 3 and sheet.shape[2] > 2 * sheet.shape[1] // 2
+    assert "turn 2: 'make it dusk' (seed 1, 2 steps, guidance 2.5)" in text
+
+
+def test_bad_inputs_get_clear_node_errors_and_earlier_turns_survive(executor):
+    executor, pack = executor
+    node = pack["KontextTRT_EditTurn"]
+    import nodes
+
+    model, clip, vae = nodes.NODE_CLASS_MAPPINGS["TestKontextLoader"]().load()
+    image = TestSourceImage().make()[0]
+    args = dict(model=model, clip=clip, vae=vae, seed=1, steps=2, guidance=2.5, resize="keep")
+    first = node.execute(instruction="remove the people", image=image, **args).result[1]
+    errors = type(first).__module__
+    with pytest.raises(ValueError, match="instruction: expected an edit instruction .* got an empty text"):
+        node.execute(instruction="  ", previous=first, **args)
+    with pytest.raises(ValueError, match="got neither"):
+        node.execute(instruction="x", **args)
+    with pytest.raises(ValueError, match="previous: expected a Kontext edit turn, got Tensor"):
+        node.execute(instruction="x", previous=image, **args)
+    with pytest.raises(ValueError, match="image: expected an IMAGE .* got \\(3, 4\\)"):
+        node.execute(instruction="x", image=torch.zeros(3, 4), **args)
+
+    class SD15Vae(StandInVae):
+        latent_channels = 4
+    with pytest.raises(ValueError, match="vae: expected the FLUX VAE \\(16 latent channels\\), got a VAE with 4"):
+        node.execute(instruction="x", previous=first, **{**args, "vae": SD15Vae()})
+
+    import comfy.model_base
+    import comfy.model_patcher
+
+    class NotFlux(comfy.model_base.BaseModel):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+    not_kontext = comfy.model_patcher.ModelPatcher(NotFlux(), torch.device("cpu"), torch.device("cpu"), size=1)
+    with pytest.raises(ValueError, match="model: expected a FLUX.1 Kontext \\[dev\\] model .* got NotFlux"):
+        node.execute(instruction="x", previous=first, **{**args, "model": not_kontext})
+    # The earlier turn is untouched and still continues.
+    again = node.execute(instruction="make it dusk", previous=first, **args).result[1]
+    assert again.parent is first and first.latent.isfinite().all()
+    assert errors == "engines.edit_turns" or errors.endswith(".engines.edit_turns")
