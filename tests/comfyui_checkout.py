@@ -42,43 +42,6 @@ def import_comfyui() -> Path:
     return path
 
 
-def tiny_comfy_kontext(cfg, sd, dtype=None):
-    """A ComfyUI MODEL (ModelPatcher over comfy.model_base.Flux) of a tiny config, on the CPU.
-
-    ComfyUI's checkpoint detection hardcodes Flux's full width, so a tiny model is assembled from
-    its supported-model class directly, the way comfy.sd does after detection.
-    """
-    import torch
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    unet_config = dict(
-        image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=cfg.vec_in_dim,
-        context_in_dim=cfg.context_in_dim, hidden_size=cfg.hidden_size, mlp_ratio=cfg.mlp_ratio,
-        num_heads=cfg.num_heads, depth=cfg.depth, depth_single_blocks=cfg.depth_single_blocks,
-        axes_dim=list(cfg.axes_dim), theta=cfg.theta, qkv_bias=cfg.qkv_bias, guidance_embed=cfg.guidance_embed)
-    model_config = comfy.supported_models.Flux(unet_config)
-    model_config.set_inference_dtype(dtype or torch.float32, None)
-    model = model_config.get_model({}, device="cpu")
-    model.diffusion_model.load_state_dict(sd, strict=True)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
-
-
-_LOADED = {}
-
-
-def load_pack_into_comfyui(tmp_path):
-    """Load this repository through ComfyUI's own custom-node loader, under a pack-like folder name (once)."""
-    import asyncio
-    import nodes
-
-    if _LOADED:
-        return _LOADED
-
-    link = tmp_path / "comfyui-kontext-trt"
-    link.symlink_to(ROOT, target_is_directory=True)
-    before = set(nodes.NODE_CLASS_MAPPINGS)
-    assert asyncio.run(nodes.load_custom_node(str(link))), "ComfyUI refused to load the pack"
-    _LOADED.update({k: nodes.NODE_CLASS_MAPPINGS[k] for k in set(nodes.NODE_CLASS_MAPPINGS) - before})
-    return _LOADED
+sys.path.insert(0, str(ROOT / "scripts"))
+from comfyui_pack import load_pack_into_comfyui  # noqa: E402,F401  (shared with the workflow runner)
+from tiny_kontext import tiny_comfy_kontext  # noqa: E402,F401

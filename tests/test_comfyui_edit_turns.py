@@ -13,30 +13,10 @@ import torch
 
 from comfyui_checkout import import_comfyui, load_pack_into_comfyui, tiny_comfy_kontext
 from engines import random_state_dict, tiny_config
+from tiny_kontext import StandInClip, StandInVae, demo_image
 
 CFG = tiny_config()
 CALLS = {"encode": [], "sample": 0}
-
-
-class StandInClip:
-    def tokenize(self, text):
-        CALLS["encode"].append(text)
-        return {"prompt": text}
-
-    def encode_from_tokens_scheduled(self, tokens):
-        g = torch.Generator().manual_seed(sum(map(ord, tokens["prompt"])))
-        return [[torch.randn(1, 8, CFG.context_in_dim, generator=g), {"pooled_output": torch.randn(1, CFG.vec_in_dim, generator=g)}]]
-
-
-class StandInVae:
-    latent_channels = 16
-
-    def encode(self, pixels):  # [1, H, W, 3] in 0..1 -> [1, 16, H/8, W/8]
-        x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8)
-        return torch.cat([x] * 5 + [x[:, :1]], dim=1) * 2 - 1
-
-    def decode(self, latent):  # -> [1, H, W, 3]
-        return torch.nn.functional.interpolate((latent[:, :3] + 1) / 2, scale_factor=8).clamp(0, 1).movedim(1, -1)
 
 
 class TestKontextLoader:
@@ -49,7 +29,7 @@ class TestKontextLoader:
     CATEGORY = "testing"
 
     def load(self):
-        return tiny_comfy_kontext(CFG, random_state_dict(CFG, seed=11)), StandInClip(), StandInVae()
+        return tiny_comfy_kontext(CFG, random_state_dict(CFG, seed=11)), StandInClip(CALLS["encode"].append), StandInVae()
 
 
 class TestSourceImage:
@@ -62,7 +42,7 @@ class TestSourceImage:
     CATEGORY = "testing"
 
     def make(self):
-        return (torch.rand(1, 64, 80, 3, generator=torch.Generator().manual_seed(3)),)
+        return (demo_image(),)
 
 
 def three_turns(instructions=("remove the people", "make it dusk", "add rain")):
@@ -117,17 +97,20 @@ def test_three_turns_run_and_only_the_changed_turn_reruns(executor, monkeypatch)
         return real_sample(*a, **k)
 
     monkeypatch.setattr(comfy.sample, "sample", counting_sample)
-    CALLS.update(encode=[], sample=0)
+    CALLS["encode"].clear()
+    CALLS["sample"] = 0
     run(executor, three_turns())
     assert CALLS["sample"] == 3 and CALLS["encode"] == ["remove the people", "make it dusk", "add rain"]
     history = executor.history_result["outputs"]["14"]["images"]
     assert len(history) == 1  # the history sheet was saved by ComfyUI's PreviewImage
 
-    CALLS.update(encode=[], sample=0)
+    CALLS["encode"].clear()
+    CALLS["sample"] = 0
     run(executor, three_turns(("remove the people", "make it dusk", "add snow")))
     # ComfyUI's cache kept turns 1 and 2: only turn 3 encoded its instruction and sampled again.
     assert CALLS["sample"] == 1 and CALLS["encode"] == ["add snow"]
-    CALLS.update(encode=[], sample=0)
+    CALLS["encode"].clear()
+    CALLS["sample"] = 0
     run(executor, three_turns(("remove the people", "make it night", "add snow")))
     assert CALLS["sample"] == 2 and CALLS["encode"] == ["make it night", "add snow"]
 
@@ -195,3 +178,20 @@ def test_bad_inputs_get_clear_node_errors_and_earlier_turns_survive(executor):
     again = node.execute(instruction="make it dusk", previous=first, **args).result[1]
     assert again.parent is first and first.latent.isfinite().all()
     assert errors == "engines.edit_turns" or errors.endswith(".engines.edit_turns")
+
+
+def test_headless_runner_executes_the_shipped_comparison_workflow_on_the_tiny_model(executor, tmp_path, capsys):
+    """The README's runner: the shipped API workflow through ComfyUI's executor; no weights here, so tiny."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import run_workflow
+
+    assert run_workflow.main(["--out", str(tmp_path), "--tiny-steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "on the tiny random-weight Kontext (missing: diffusion_models/flux1-kontext-dev.safetensors" in text
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    # two chains (original, quantized) x (3 turns + the history sheet)
+    assert len(names) == 8 and sum(n.startswith("kontext_original_turn") for n in names) == 3, names
+    assert any(n.startswith("kontext_quantized_history") for n in names)

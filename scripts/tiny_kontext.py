@@ -1,0 +1,100 @@
+"""A tiny random-weight Kontext for running the shipped workflows on a CPU with no weights present.
+
+MODEL is ComfyUI's own Flux (model_base.Flux + ModelPatcher) at a tiny width, so sampling, reference
+latents and the edit nodes run as they do on the real model. CLIP and VAE are stand-ins with FLUX's
+interfaces (16 latent channels, 8x downsampling, pooled + sequence text states): a tiny T5-XXL or
+FLUX VAE cannot be built without weights. Images and text are therefore not meaningful; the path is.
+Needs ComfyUI importable (COMFYUI_PATH on sys.path) and the repository root on sys.path.
+"""
+from __future__ import annotations
+
+import torch
+
+from engines import random_state_dict, tiny_config
+
+CFG = tiny_config()
+
+
+def tiny_comfy_kontext(cfg=CFG, sd=None, dtype=None):
+    """A ComfyUI MODEL (ModelPatcher over comfy.model_base.Flux) of a tiny config, on the CPU.
+
+    ComfyUI's checkpoint detection hardcodes Flux's full width, so a tiny model is assembled from
+    its supported-model class directly, the way comfy.sd does after detection.
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    sd = random_state_dict(cfg, seed=11) if sd is None else sd
+    unet_config = dict(
+        image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=cfg.vec_in_dim,
+        context_in_dim=cfg.context_in_dim, hidden_size=cfg.hidden_size, mlp_ratio=cfg.mlp_ratio,
+        num_heads=cfg.num_heads, depth=cfg.depth, depth_single_blocks=cfg.depth_single_blocks,
+        axes_dim=list(cfg.axes_dim), theta=cfg.theta, qkv_bias=cfg.qkv_bias, guidance_embed=cfg.guidance_embed)
+    model_config = comfy.supported_models.Flux(unet_config)
+    model_config.set_inference_dtype(dtype or torch.float32, None)
+    model = model_config.get_model({}, device="cpu")
+    model.diffusion_model.load_state_dict(sd, strict=True)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+class StandInClip:
+    """FLUX text-encoder interface: tokenize + encode_from_tokens_scheduled, states seeded by the text."""
+
+    def __init__(self, on_tokenize=None):
+        self.on_tokenize = on_tokenize
+
+    def tokenize(self, text):
+        if self.on_tokenize:
+            self.on_tokenize(text)
+        return {"prompt": text}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        g = torch.Generator().manual_seed(sum(map(ord, tokens["prompt"])))
+        return [[torch.randn(1, 8, CFG.context_in_dim, generator=g),
+                 {"pooled_output": torch.randn(1, CFG.vec_in_dim, generator=g)}]]
+
+
+class StandInVae:
+    """FLUX VAE interface: 16 latent channels, 8x down/up-sampling (average colour in, colour out)."""
+
+    latent_channels = 16
+
+    def encode(self, pixels):  # [1, H, W, 3] in 0..1 -> [1, 16, H/8, W/8]
+        x = torch.nn.functional.avg_pool2d(pixels[..., :3].movedim(-1, 1), 8)
+        return torch.cat([x] * 5 + [x[:, :1]], dim=1) * 2 - 1
+
+    def decode(self, latent):  # -> [1, H, W, 3]
+        return torch.nn.functional.interpolate((latent[:, :3] + 1) / 2, scale_factor=8).clamp(0, 1).movedim(1, -1)
+
+
+def demo_image(width: int = 80, height: int = 64) -> torch.Tensor:
+    return torch.rand(1, height, width, 3, generator=torch.Generator().manual_seed(3))
+
+
+def _loader(return_type, make):
+    class Loader:
+        RETURN_TYPES = (return_type,) if return_type != "IMAGE" else ("IMAGE", "MASK")
+        FUNCTION = "load"
+        CATEGORY = "testing"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def load(self):
+            out = make()
+            return (out, torch.zeros(out.shape[:3])) if return_type == "IMAGE" else (out,)
+
+    Loader.__name__ = f"Tiny{return_type.title()}"
+    return Loader
+
+
+# The loaders of the shipped workflows and their tiny stand-ins (same output types and slots).
+TINY_LOADERS = {
+    "UNETLoader": ("TinyKontextModel", _loader("MODEL", tiny_comfy_kontext)),
+    "KontextTRT_LoadQuantized": ("TinyKontextModel", _loader("MODEL", tiny_comfy_kontext)),
+    "DualCLIPLoader": ("TinyFluxClip", _loader("CLIP", StandInClip)),
+    "VAELoader": ("TinyFluxVae", _loader("VAE", StandInVae)),
+    "LoadImage": ("TinyDemoImage", _loader("IMAGE", demo_image)),
+}
