@@ -18,10 +18,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch import Tensor, nn
 
 from .config import KontextConfig
 from .contract import check_inputs
+
+CUDA_SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.MATH]
 
 
 # ---------------------------------------------------------------- embeddings
@@ -108,7 +112,13 @@ class Attention(nn.Module):
     """
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        x = F.scaled_dot_product_attention(q, k, v)
+        if q.is_cuda:
+            # PyTorch's default order tries flash first; on an H100 at 8704 tokens cuDNN's attention is ~2.2x
+            # faster (measured: flash was 57% of a compiled FP8 step). ComfyUI sets the same priority.
+            with sdpa_kernel(CUDA_SDPA_PRIORITY, set_priority=True):
+                x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return x.transpose(1, 2).flatten(2)
 
 
