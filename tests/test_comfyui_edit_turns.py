@@ -136,6 +136,9 @@ def test_turns_chain_latents_and_carry_their_history(executor):
     assert [t.instruction for t in second.history()] == ["remove the people", "make it dusk"]
     assert second.parent is first and branch.parent is first and second.number == branch.number == 2
     assert first.source_image.shape == (1, 64, 80, 3) and first.latent.shape == (1, 16, 8, 10)
+    # An extra reference image reaches the model through ComfyUI's reference latents (and changes the edit).
+    with_extra = node.execute(instruction="make it dusk", previous=first, extra_reference=image, **args).result[1]
+    assert len(encodes) == 2 and not torch.allclose(with_extra.latent, second.latent, atol=1e-3)
     sheet, text = pack["KontextTRT_EditHistory"].execute(second).result
     assert sheet.shape[0] == 1 and sheet.shape[-1] == 3 and sheet.shape[2] > 2 * sheet.shape[1] // 2
     assert "turn 2: 'make it dusk' (seed 1, 2 steps, guidance 2.5)" in text
