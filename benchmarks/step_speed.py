@@ -14,7 +14,8 @@ Variants so far (issue 7 adds the fused FP8 attention kernel, NVFP4 and CUDA gra
   pack_bf16           this pack's transformer, BF16, eager
   pack_fp8            the PyTorch backend: FP8 GEMMs (torch._scaled_mm, static calibrated scales), eager
   pack_fp8_compile    the same, each block under torch.compile (activation quantization fused into the
-                      producers by Inductor), attention BF16 SDPA
+                      producers by Inductor), attention BF16 SDPA (cuDNN)
+  pack_fp8_cudagraphs the same with mode="reduce-overhead": each block replayed as a CUDA graph
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from engines.quantize import output_error  # noqa: E402
 from engines.tokens import edit_ids  # noqa: E402
 
 GIB = 2**30
-VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "pack_bf16", "pack_fp8", "pack_fp8_compile")
+VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "pack_bf16", "pack_fp8", "pack_fp8_compile", "pack_fp8_cudagraphs")
 
 
 def step_inputs(size: int, batch: int, device):
@@ -92,11 +93,11 @@ def fp8_model(sd, device):
     return load_fp8_transformer(lambda k: sd[k], state, device=device, dtype=torch.bfloat16)
 
 
-def compile_blocks(model):
+def compile_blocks(model, mode=None):
     """torch.compile per block: the 19 double and 38 single blocks share two graphs, so Inductor compiles
     twice, not 57 times, and no whole-model graph has to be traced."""
     for block in list(model.double_blocks) + list(model.single_blocks):
-        block.compile()
+        block.compile(mode=mode)
     return model
 
 
@@ -111,13 +112,20 @@ def make_variant(name: str, sd: dict, cfg, device):
     gpu_sd = {k: v.to(device) for k, v in sd.items()}
     if name == "pack_bf16":
         model = transformer_from_state_dict(gpu_sd)
-    elif name in ("pack_fp8", "pack_fp8_compile"):
+    elif name in ("pack_fp8", "pack_fp8_compile", "pack_fp8_cudagraphs"):
         model = fp8_model(gpu_sd, device)
         del gpu_sd
         if name.endswith("_compile"):
             compile_blocks(model)
+        elif name.endswith("_cudagraphs"):
+            compile_blocks(model, mode="reduce-overhead")
     else:
         raise SystemExit(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    if name.endswith("_cudagraphs"):
+        def step(x):
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous step's graph outputs may be reused
+            return model(**x)
+        return step
     return lambda x: model(**x)
 
 
