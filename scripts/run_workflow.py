@@ -40,6 +40,8 @@ def import_comfyui(path: str | None) -> None:
 
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
+    import utils.install_util  # noqa: F401  ComfyUI's `utils` package, bound first as its main.py does (an
+    # extra node's import would otherwise find comfy/utils.py as `utils` and the server-side nodes fail)
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False))
