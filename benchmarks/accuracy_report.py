@@ -14,7 +14,6 @@ import argparse
 import gc
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines import KONTEXT_DEV, random_state_dict, transformer_from_state_dict  # noqa: E402
 from engines.accuracy import error_table, step_outputs  # noqa: E402
-from engines.calibration import (StandInEncoder, calibration_forward_loop, read_calibration_set,  # noqa: E402
-                                 write_default_calibration_set)
-from engines.quantize import quantize_transformer  # noqa: E402
+from engines.calibration import calibration_forward_loop, default_encoded_pairs  # noqa: E402
+from engines.quantize import quantize_transformer, use_eager_fp8_fake_quant  # noqa: E402
 from engines.recipes import load_recipe  # noqa: E402
 
 # A variant is a recipe name or .json path, "+attn" to quantize attention as the recipe says.
@@ -47,8 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="output/accuracy_report.json")
     args = p.parse_args(argv)
     if args.eager_fp8:
-        from modelopt.torch.quantization import extensions
-        extensions.get_cuda_ext_fp8.extension = None
+        use_eager_fp8_fake_quant()
     sigmas = tuple(float(s) for s in args.sigmas.split(","))
     device = "cuda"
 
@@ -62,9 +59,7 @@ def main(argv=None) -> int:
         source = "random weights"
     base = transformer_from_state_dict(sd)
     cfg = base.config
-    pairs_dir = write_default_calibration_set(Path(tempfile.mkdtemp()) / "calib", size=args.size)
-    encode = StandInEncoder(cfg, n_txt=512)
-    pairs = [encode(pair, args.size) for pair in read_calibration_set(pairs_dir)]
+    pairs = default_encoded_pairs(cfg, args.size)
     calib, held = pairs[:args.calib_pairs], pairs[-args.eval_pairs:]
     reference = step_outputs(base, held, sigmas)
     del base

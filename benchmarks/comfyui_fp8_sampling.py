@@ -27,13 +27,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from engines import KONTEXT_DEV, random_state_dict, transformer_from_state_dict  # noqa: E402
 from engines.calibrated_state import save_calibrated_state  # noqa: E402
-from engines.calibration import (StandInEncoder, calibration_forward_loop, read_calibration_set,  # noqa: E402
-                                 write_default_calibration_set)
-from engines.quantize import output_error, quantize_transformer  # noqa: E402
+from engines.calibration import calibration_forward_loop, default_encoded_pairs  # noqa: E402
+from engines.quantize import output_error, quantize_transformer, use_eager_fp8_fake_quant  # noqa: E402
 from engines.recipes import load_recipe  # noqa: E402
+from comfyui_pack import comfy_flux_model  # noqa: E402
 from engines.runtime_torch import load_fp8_transformer, transformer_bytes  # noqa: E402
 
 GIB = 2**30
@@ -47,23 +48,6 @@ def import_comfyui(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def comfy_flux(sd, cfg, device):
-    """ComfyUI's own Flux (comfy.model_base.Flux) in BF16 over the same weights."""
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    unet_config = dict(image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=cfg.vec_in_dim,
-                       context_in_dim=cfg.context_in_dim, hidden_size=cfg.hidden_size, mlp_ratio=cfg.mlp_ratio,
-                       num_heads=cfg.num_heads, depth=cfg.depth, depth_single_blocks=cfg.depth_single_blocks,
-                       axes_dim=list(cfg.axes_dim), theta=cfg.theta, qkv_bias=cfg.qkv_bias,
-                       guidance_embed=cfg.guidance_embed)
-    model_config = comfy.supported_models.Flux(unet_config)
-    model_config.set_inference_dtype(torch.bfloat16, None)
-    model = model_config.get_model({}, device="meta")  # only the diffusion model's layers: no 24 GB allocated twice
-    model.diffusion_model.load_state_dict(sd, strict=True, assign=True)
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
 def conditioning(seed, reference, cfg):
@@ -101,8 +85,7 @@ def main(argv=None) -> int:
     if not args.comfyui:
         p.error("--comfyui or COMFYUI_PATH: a ComfyUI checkout is needed")
     if args.eager_fp8:
-        from modelopt.torch.quantization import extensions
-        extensions.get_cuda_ext_fp8.extension = None
+        use_eager_fp8_fake_quant()
     backend_model_module = import_comfyui(args.comfyui)
     import comfy.model_management as mm
 
@@ -113,9 +96,7 @@ def main(argv=None) -> int:
     # The Build node's calibration stage, on the GPU, then its saved state.
     recipe = load_recipe("fp8", attention=False)
     calibrated = transformer_from_state_dict({k: v.to(device) for k, v in sd.items()})
-    pairs_dir = write_default_calibration_set(Path(tempfile.mkdtemp()) / "calib", size=1024)
-    encode = StandInEncoder(cfg, n_txt=512)
-    pairs = [encode(pair, 1024) for pair in read_calibration_set(pairs_dir)][:3]
+    pairs = default_encoded_pairs(cfg)[:3]
     quantize_transformer(calibrated, recipe, calibration_forward_loop(pairs, steps=4))
     state = save_calibrated_state(calibrated, recipe, Path(tempfile.mkdtemp()) / "kontext_fp8.calibration.safetensors")
     del calibrated
@@ -152,14 +133,15 @@ def main(argv=None) -> int:
     # Their difference is how far BF16 rounding alone drifts over sampling with these random weights.
     pack_bf16 = backend_model_module.backend_model(transformer_from_state_dict(sd), cfg, 0, torch.bfloat16, device,
                                                    torch.device("cpu"))
-    for name, model in (("comfyui_bf16", comfy_flux(sd, cfg, device)), ("pack_bf16", pack_bf16)):
+    original = comfy_flux_model(cfg, sd, torch.bfloat16, load_device=device)
+    for name, model in (("comfyui_bf16", original), ("pack_bf16", pack_bf16)):
         for cfg_scale, steps in runs:
             latent, step_s, peak = sample(model, cfg, cfg_scale, steps)
             outputs[name, cfg_scale, steps] = latent
             print(f"{name} cfg {cfg_scale}, {steps} steps: peak {peak:.2f} GiB, {step_s:.3f} s/step", flush=True)
         mm.unload_all_models()
         mm.soft_empty_cache()
-    del model, pack_bf16
+    del model, original, pack_bf16
     for cfg_scale, steps in runs:
         ref = outputs["comfyui_bf16", cfg_scale, steps]
         for name in ("fp8", "pack_bf16"):

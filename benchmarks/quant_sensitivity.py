@@ -14,7 +14,6 @@ import argparse
 import fnmatch
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engines import KONTEXT_DEV, random_state_dict, tiny_config, transformer_from_state_dict  # noqa: E402
 from engines.accuracy import error_table, step_outputs  # noqa: E402
 from engines.calibrated_state import save_calibrated_state  # noqa: E402
-from engines.calibration import (StandInEncoder, calibration_forward_loop, read_calibration_set,  # noqa: E402
-                                 write_default_calibration_set)
-from engines.quantize import quantize_transformer  # noqa: E402
+from engines.calibration import calibration_forward_loop, default_encoded_pairs  # noqa: E402
+from engines.quantize import quantize_transformer, use_eager_fp8_fake_quant  # noqa: E402
 from engines.recipes import load_recipe  # noqa: E402
 
 # name -> Linear-name patterns (BFL names). "inputs:" groups switch off only the activation quantizers.
@@ -83,8 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="output/quant_sensitivity.json")
     args = p.parse_args(argv)
     if args.eager_fp8:
-        from modelopt.torch.quantization import extensions
-        extensions.get_cuda_ext_fp8.extension = None
+        use_eager_fp8_fake_quant()
     sigmas = tuple(float(s) for s in args.sigmas.split(","))
 
     t0 = time.perf_counter()
@@ -97,9 +94,7 @@ def main(argv=None) -> int:
     else:
         sd = random_state_dict(KONTEXT_DEV, seed=0, dtype=torch.bfloat16, device=device)
     base = transformer_from_state_dict(sd)
-    pairs_dir = write_default_calibration_set(Path(tempfile.mkdtemp()) / "calib", size=size)
-    encode = StandInEncoder(base.config, n_txt=16 if args.tiny else 512)
-    pairs = [encode(pair, size) for pair in read_calibration_set(pairs_dir)]
+    pairs = default_encoded_pairs(base.config, size, n_txt=16 if args.tiny else 512)
     calib, held = pairs[:args.calib_pairs], pairs[-args.eval_pairs:]
     reference = step_outputs(base, held, sigmas)
     del base

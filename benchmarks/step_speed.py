@@ -31,9 +31,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 from engines import KONTEXT_DEV, random_state_dict, transformer_from_state_dict  # noqa: E402
-from engines.quantize import output_error  # noqa: E402
+from engines.quantize import output_error, use_eager_fp8_fake_quant  # noqa: E402
 from engines.tokens import edit_ids  # noqa: E402
 
 GIB = 2**30
@@ -55,17 +56,9 @@ def step_inputs(size: int, batch: int, device):
 
 def comfy_flux(sd, cfg, device):
     """ComfyUI's own Flux module (what its KSampler runs), BF16, on the GPU."""
-    import comfy.ldm.flux.model
-    import comfy.ops
+    from comfyui_pack import comfy_flux_model
 
-    params = dict(in_channels=16, out_channels=16, vec_in_dim=cfg.vec_in_dim, context_in_dim=cfg.context_in_dim,
-                  hidden_size=cfg.hidden_size, mlp_ratio=cfg.mlp_ratio, num_heads=cfg.num_heads, depth=cfg.depth,
-                  depth_single_blocks=cfg.depth_single_blocks, axes_dim=list(cfg.axes_dim), theta=cfg.theta,
-                  qkv_bias=cfg.qkv_bias, guidance_embed=cfg.guidance_embed, patch_size=2)
-    model = comfy.ldm.flux.model.Flux(image_model="flux", dtype=torch.bfloat16, device="meta",
-                                      operations=comfy.ops.disable_weight_init, **params)
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.to(device).eval()
+    return comfy_flux_model(cfg, sd, torch.bfloat16).model.diffusion_model.to(device).eval()
 
 
 def fp8_model(sd, device):
@@ -74,17 +67,14 @@ def fp8_model(sd, device):
     import tempfile
 
     from engines.calibrated_state import save_calibrated_state
-    from engines.calibration import (StandInEncoder, calibration_forward_loop, read_calibration_set,
-                                     write_default_calibration_set)
+    from engines.calibration import calibration_forward_loop, default_encoded_pairs
     from engines.quantize import quantize_transformer
     from engines.recipes import load_recipe
     from engines.runtime_torch import load_fp8_transformer
 
     recipe = load_recipe("fp8", attention=False)
     model = transformer_from_state_dict(sd)
-    pairs_dir = write_default_calibration_set(Path(tempfile.mkdtemp()) / "calib", size=1024)
-    encode = StandInEncoder(model.config, n_txt=512)
-    pairs = [encode(p, 1024) for p in read_calibration_set(pairs_dir)][:1]
+    pairs = default_encoded_pairs(model.config)[:1]
     quantize_transformer(model, recipe, calibration_forward_loop(pairs, steps=2))
     state = save_calibrated_state(model, recipe, Path(tempfile.mkdtemp()) / "s.calibration.safetensors")
     del model
@@ -163,8 +153,7 @@ def main(argv=None) -> int:
     if not args.comfyui:
         p.error("--comfyui or COMFYUI_PATH: a ComfyUI checkout (its Flux is the baseline)")
     sys.path.insert(0, args.comfyui)
-    from modelopt.torch.quantization import extensions
-    extensions.get_cuda_ext_fp8.extension = None  # eager FP8 fake-quant for the calibration pass: same math, no build
+    use_eager_fp8_fake_quant()  # the calibration pass only sets scales; no ~1 min extension build
 
     device, cfg = torch.device("cuda"), KONTEXT_DEV
     sd = {k: v.cpu() for k, v in random_state_dict(cfg, seed=0, dtype=torch.bfloat16, device=device).items()}

@@ -240,3 +240,13 @@ def calibration_forward_loop(samples: Sequence[EncodedPair], steps: int, guidanc
                 progress(i + 1, len(samples))
 
     return forward_loop
+
+
+def default_encoded_pairs(cfg: KontextConfig, size: int = 1024, n_txt: int = 512) -> list[EncodedPair]:
+    """The shipped default calibration set, drawn into a temporary folder and encoded by StandInEncoder:
+    calibration and held-out data for runs with no text encoder or VAE (benchmarks, random weights)."""
+    import tempfile
+
+    encode = StandInEncoder(cfg, n_txt=n_txt)
+    folder = write_default_calibration_set(Path(tempfile.mkdtemp(prefix="kontext_calib_")) / "calib", size=size)
+    return [encode(pair, size) for pair in read_calibration_set(folder)]

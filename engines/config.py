@@ -49,6 +49,15 @@ class KontextConfig:
         d["axes_dim"] = list(self.axes_dim)
         return d
 
+    def comfy_unet_config(self) -> dict:
+        """ComfyUI's unet_config for this transformer (comfy.supported_models.Flux, or comfy.ldm.flux.model.Flux's
+        keyword arguments). ComfyUI counts latent channels before its 2x2 patchify: 16, not 64."""
+        return dict(image_model="flux", in_channels=self.in_channels // 4, out_channels=self.out_channels // 4,
+                    patch_size=2, vec_in_dim=self.vec_in_dim, context_in_dim=self.context_in_dim,
+                    hidden_size=self.hidden_size, mlp_ratio=self.mlp_ratio, num_heads=self.num_heads, depth=self.depth,
+                    depth_single_blocks=self.depth_single_blocks, axes_dim=list(self.axes_dim), theta=self.theta,
+                    qkv_bias=self.qkv_bias, guidance_embed=self.guidance_embed)
+
     @classmethod
     def from_dict(cls, d: dict) -> "KontextConfig":
         known = {f.name for f in dataclasses.fields(cls)}

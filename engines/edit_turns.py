@@ -7,6 +7,7 @@ sharing a parent. Turns are immutable: ComfyUI may hand the same turn to several
 """
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 import torch
@@ -96,14 +97,8 @@ def history_sheet(turns: list[EditTurn], height: int = 384, caption_px: int = 56
     x = 0
     for panel, caption in panels:
         sheet.paste(panel, (x, 0))
-        draw.multiline_text((x + 6, height + 6), _wrap(caption, max(8, panel.width // 7)), fill="black")
+        caption = "\n".join(textwrap.wrap(caption, max(8, panel.width // 7), max_lines=3, placeholder=" ..."))
+        draw.multiline_text((x + 6, height + 6), caption, fill="black")
         x += panel.width
     return torch.from_numpy(np.asarray(sheet, dtype=np.float32) / 255.0)[None]
 
-
-def _wrap(text: str, width: int, lines: int = 3) -> str:
-    import textwrap
-
-    wrapped = textwrap.wrap(text, width) or [""]
-    return "\n".join(wrapped[:lines - 1] + [textwrap.shorten(" ".join(wrapped[lines - 1:]), width)] if len(wrapped) >= lines
-                     else wrapped)

@@ -112,6 +112,14 @@ def check_report(report: QuantReport, recipe: Recipe, calibrated: bool) -> None:
                                 f"data (e.g. {report.uncalibrated[:3]}); did the forward loop run the model?")
 
 
+def use_eager_fp8_fake_quant() -> None:
+    """ModelOpt fake-quantizes FP8 on CUDA through an extension it compiles on first use (~1 min per machine);
+    its eager path is the same arithmetic. Benchmarks that calibrate once take the eager path."""
+    from modelopt.torch.quantization import extensions
+
+    extensions.get_cuda_ext_fp8.extension = None
+
+
 @torch.no_grad()
 def output_error(reference: torch.Tensor, output: torch.Tensor) -> tuple[float, float]:
     """(cosine similarity, relative L2) of output against reference, over all elements, in float64."""

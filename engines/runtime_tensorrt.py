@@ -95,10 +95,6 @@ class TensorRTBackend(nn.Module):
         self._context = self._engine.create_execution_context()
         self._profile = None
 
-    @property
-    def loaded(self) -> bool:
-        return self._context is not None
-
     def release(self) -> None:
         """Free the engine's GPU memory (weights and activation workspace); the next call loads it again."""
         self._context = self._engine = self._profile = None

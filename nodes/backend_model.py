@@ -84,13 +84,7 @@ class BackendModelPatcher(comfy.model_patcher.ModelPatcher):
 
 def backend_model(backend: torch.nn.Module, config, size_bytes: int, dtype, load_device, offload_device):
     """A ComfyUI MODEL (ModelPatcher) whose Flux forward runs `backend` (engine contract in, tokens out)."""
-    unet_config = dict(
-        image_model="flux", in_channels=config.in_channels // 4, out_channels=config.out_channels // 4, patch_size=2,
-        vec_in_dim=config.vec_in_dim, context_in_dim=config.context_in_dim, hidden_size=config.hidden_size,
-        mlp_ratio=config.mlp_ratio, num_heads=config.num_heads, depth=config.depth,
-        depth_single_blocks=config.depth_single_blocks, axes_dim=list(config.axes_dim), theta=config.theta,
-        qkv_bias=config.qkv_bias, guidance_embed=config.guidance_embed)
-    model_config = comfy.supported_models.Flux(unet_config)
+    model_config = comfy.supported_models.Flux(config.comfy_unet_config())
     model_config.set_inference_dtype(dtype, None)
     model = comfy.model_base.Flux(model_config, device=offload_device, unet_model=BackendFlux)
     model.diffusion_model.backend = backend

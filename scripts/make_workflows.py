@@ -78,8 +78,7 @@ WORKFLOWS = {
          **COMMON, **turns(10, "1", "4", "kontext_original"), **turns(40, "5", "4", "kontext_quantized")}),
 }
 
-SOCKET_TYPES_ARE_UPPER = True  # ComfyUI: widget types are INT/FLOAT/STRING/BOOLEAN/COMBO; others are sockets
-WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+WIDGETS = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # ComfyUI's widget types; every other input is a socket
 
 
 def node_inputs(class_type: str) -> list[tuple[str, str, dict]]:

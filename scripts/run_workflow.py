@@ -87,21 +87,34 @@ class _Server:  # what PromptExecutor reports to; headless, so progress goes now
         pass
 
 
-def run(prompt: dict, out: Path) -> list[Path]:
+def new_executor():
     import execution
-    import folder_paths
 
-    out.mkdir(parents=True, exist_ok=True)
-    folder_paths.set_output_directory(str(out))
+    return execution.PromptExecutor(_Server(), cache_type=False)
+
+
+def execute(executor, prompt: dict):
+    """Validate and run an API-format prompt the way ComfyUI's queue does; raises with ComfyUI's error.
+    Reusing one executor keeps ComfyUI's cache between runs."""
+    import execution
+
     valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     if not valid[0]:
         raise RuntimeError(f"ComfyUI refused the workflow: {valid[1]} {valid[3]}")
-    executor = execution.PromptExecutor(_Server(), cache_type=False)
     executor.execute(prompt, str(uuid.uuid4()), {}, valid[2])
     if not executor.success:
         errors = [m[1] for m in executor.status_messages if m[0] == "execution_error"]
         raise RuntimeError(f"workflow failed: {errors[0].get('node_type')}: {errors[0].get('exception_message')}"
                            if errors else "workflow failed")
+    return executor
+
+
+def run(prompt: dict, out: Path) -> list[Path]:
+    import folder_paths
+
+    out.mkdir(parents=True, exist_ok=True)
+    folder_paths.set_output_directory(str(out))
+    executor = execute(new_executor(), prompt)
     saved = []
     for node_out in executor.history_result["outputs"].values():
         for image in node_out.get("images", []):

@@ -16,26 +16,10 @@ CFG = tiny_config()
 
 
 def tiny_comfy_kontext(cfg=CFG, sd=None, dtype=None):
-    """A ComfyUI MODEL (ModelPatcher over comfy.model_base.Flux) of a tiny config, on the CPU.
+    """ComfyUI's Flux MODEL of a tiny config, on the CPU (random weights unless `sd` is given)."""
+    from comfyui_pack import comfy_flux_model
 
-    ComfyUI's checkpoint detection hardcodes Flux's full width, so a tiny model is assembled from
-    its supported-model class directly, the way comfy.sd does after detection.
-    """
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    sd = random_state_dict(cfg, seed=11) if sd is None else sd
-    unet_config = dict(
-        image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=cfg.vec_in_dim,
-        context_in_dim=cfg.context_in_dim, hidden_size=cfg.hidden_size, mlp_ratio=cfg.mlp_ratio,
-        num_heads=cfg.num_heads, depth=cfg.depth, depth_single_blocks=cfg.depth_single_blocks,
-        axes_dim=list(cfg.axes_dim), theta=cfg.theta, qkv_bias=cfg.qkv_bias, guidance_embed=cfg.guidance_embed)
-    model_config = comfy.supported_models.Flux(unet_config)
-    model_config.set_inference_dtype(dtype or torch.float32, None)
-    model = model_config.get_model({}, device="cpu")
-    model.diffusion_model.load_state_dict(sd, strict=True)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    return comfy_flux_model(cfg, random_state_dict(cfg, seed=11) if sd is None else sd, dtype or torch.float32)
 
 
 class StandInClip:

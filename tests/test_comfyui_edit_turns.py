@@ -5,8 +5,6 @@ errors a turn gives for inputs it cannot edit.
 MODEL and its sampling are ComfyUI's (tiny random-weight Flux); CLIP and VAE are stand-ins with FLUX's
 interfaces (a tiny T5-XXL / FLUX VAE cannot be built), registered as test-only loader nodes.
 """
-import asyncio
-import uuid
 
 import pytest
 import torch
@@ -14,6 +12,8 @@ import torch
 from comfyui_checkout import import_comfyui, load_pack_into_comfyui, tiny_comfy_kontext
 from engines import random_state_dict, tiny_config
 from tiny_kontext import StandInClip, StandInVae, demo_image
+
+import run_workflow  # scripts/, on the path through comfyui_checkout
 
 CFG = tiny_config()
 CALLS = {"encode": [], "sample": 0}
@@ -56,34 +56,19 @@ def three_turns(instructions=("remove the people", "make it dusk", "add rain")):
             "14": {"class_type": "PreviewImage", "inputs": {"images": ["13", 0]}}}
 
 
-class Server:
-    client_id = None
-    last_node_id = None
-    messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory):
     import_comfyui()
-    import execution
     import nodes
 
     pack = load_pack_into_comfyui(tmp_path_factory.mktemp("custom_nodes"))
     nodes.NODE_CLASS_MAPPINGS.update(TestKontextLoader=TestKontextLoader, TestSourceImage=TestSourceImage)
-    return execution.PromptExecutor(Server(), cache_type=False), pack
+    return run_workflow.new_executor(), pack
 
 
 def run(executor, prompt):
-    import execution
-
-    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
-    assert valid[0], valid[1:]
-    executor.execute(prompt, str(uuid.uuid4()), {}, valid[2])
-    assert executor.success, [m for m in executor.status_messages if m[0] == "execution_error"]
-    return executor
+    """ComfyUI's validation and execution, as the headless runner does them (raises on either failing)."""
+    return run_workflow.execute(executor, prompt)
 
 
 def test_three_turns_run_and_only_the_changed_turn_reruns(executor, monkeypatch):
@@ -185,11 +170,6 @@ def test_bad_inputs_get_clear_node_errors_and_earlier_turns_survive(executor):
 
 def test_headless_runner_executes_the_shipped_comparison_workflow_on_the_tiny_model(executor, tmp_path, capsys):
     """The README's runner: the shipped API workflow through ComfyUI's executor; no weights here, so tiny."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import run_workflow
 
     assert run_workflow.main(["--out", str(tmp_path), "--tiny-steps", "2"]) == 0
     text = capsys.readouterr().out
