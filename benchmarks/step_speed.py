@@ -1,21 +1,29 @@
 """Per-step speed of the Kontext transformer on one GPU, every variant in one run, against ComfyUI's BF16.
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/step_speed.py [--variants ...] [--batch 1,2] [--sizes 1024]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/step_speed.py [--variants ...] [--batch 1,2]
+        [--shapes 1024r,1024,512r,512,1392r,1392] [--checkpoint flux1-kontext-dev.safetensors]
 
-One step = one transformer call at a 1024^2-class edit with one same-size reference (8192 image
-tokens + 512 text tokens), random weights (the speed does not depend on them). Reports per variant:
+One step = one transformer call. A shape is the edit's side in pixels, with "r" for one same-size
+reference image (1024r: 4096 + 4096 image tokens + 512 text tokens = 8704), at sigma 0.7 on a held-out
+pair of the default calibration set. Random weights unless --checkpoint is given (the speed does not
+depend on them). Reports per variant, shape and batch:
 median ms per step over --iters calls after warm-up (CUDA events), the ratio to ComfyUI BF16 eager,
-peak GPU memory, the output's cosine to ComfyUI BF16 eager, and the time to the first step (load,
-compile, calibration excluded from neither). No test asserts any of this; the README quotes the JSON.
+peak GPU memory, the output's cosine to ComfyUI BF16 eager, and the time to the first step (the first
+call, including compilation and the attention kernel's autotuning). No test asserts any of this; the
+README quotes the JSON.
 
-Variants so far (issue 7 adds the fused FP8 attention kernel, NVFP4 and CUDA graphs):
-  comfy_bf16          ComfyUI's Flux (comfy.ldm.flux.model.Flux), BF16, eager
-  comfy_bf16_compile  the same under torch.compile (per block)
-  pack_bf16           this pack's transformer, BF16, eager
-  pack_fp8            the PyTorch backend: FP8 GEMMs (torch._scaled_mm, static calibrated scales), eager
-  pack_fp8_compile    the same, each block under torch.compile (activation quantization fused into the
-                      producers by Inductor), attention BF16 SDPA (cuDNN)
-  pack_fp8_cudagraphs the same with mode="reduce-overhead": each block replayed as a CUDA graph
+Variants:
+  comfy_bf16            ComfyUI's Flux (comfy.ldm.flux.model.Flux), BF16, eager: what KSampler runs
+  comfy_bf16_compile    the same under torch.compile (per block)
+  comfy_fp8_fast        ComfyUI's weight_dtype fp8_e4m3fn_fast: FP8 weights, unscaled FP8 GEMMs, eager
+  pack_bf16             this pack's transformer, BF16, eager
+  pack_fp8              the PyTorch backend: FP8 GEMMs (torch._scaled_mm, static calibrated scales),
+                        16-bit attention (cuDNN SDPA), eager
+  pack_fp8_compile      the same, blocks compiled (runtime_torch.compile_blocks)
+  pack_fp8_attn         the backend as the loader builds it from an fp8 state calibrated with attention:
+                        FP8 GEMMs + FP8 attention (the fused Triton kernel), eager
+  pack_fp8_attn_compile the same, blocks compiled: the pack's fast path
+  pack_fp8_attn_cudagraphs  the same with mode="reduce-overhead": each block replayed as a CUDA graph
 """
 from __future__ import annotations
 
@@ -38,32 +46,52 @@ from engines.quantize import output_error, use_eager_fp8_fake_quant  # noqa: E40
 from engines.tokens import edit_ids  # noqa: E402
 
 GIB = 2**30
-VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "pack_bf16", "pack_fp8", "pack_fp8_compile", "pack_fp8_cudagraphs")
+VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "pack_fp8", "pack_fp8_compile",
+            "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_cudagraphs")
 
 
-def step_inputs(size: int, batch: int, device):
-    side = size // 16  # latent tokens per side
-    g = torch.Generator().manual_seed(0)
-    bf = dict(device=device, dtype=torch.bfloat16)
-    return dict(img=torch.randn(batch, 2 * side * side, 64, generator=g).to(**bf),
-                img_ids=edit_ids((side, side), [(side, side)])[None].expand(batch, -1, -1).to(device),
-                txt=torch.randn(batch, 512, 4096, generator=g).to(**bf),
-                txt_ids=torch.zeros(batch, 512, 3, device=device),
-                timesteps=torch.full((batch,), 0.7, device=device),
-                y=torch.randn(batch, 768, generator=g).to(**bf),
-                guidance=torch.full((batch,), 2.5, device=device))
+def parse_shape(shape: str) -> tuple[int, bool]:
+    """'1024r' -> (1024, True): side in pixels, with one same-size reference."""
+    try:
+        return int(shape.rstrip("r")), shape.endswith("r")
+    except ValueError:
+        raise SystemExit(f"--shapes: {shape!r} is not a side in pixels with an optional 'r' (e.g. 1024r)") from None
 
 
-def comfy_flux(sd, cfg, device):
-    """ComfyUI's own Flux module (what its KSampler runs), BF16, on the GPU."""
+def step_inputs(cfg, size: int, reference: bool, batch: int, device):
+    """One sampling step's inputs at sigma 0.7 for a held-out pair of the default calibration set (encoded by
+    StandInEncoder; calibration uses the first pair), so the cosine column measures what calibration covers."""
+    from engines.accuracy import edit_step_inputs
+    from engines.calibration import default_encoded_pairs
+
+    pair = default_encoded_pairs(cfg, size)[-1]
+    x = edit_step_inputs(pair, sigma=0.7, seed=0, device=device, dtype=torch.bfloat16)
+    if not reference:
+        x["img"] = x["img"][:, :pair.reference.shape[1]]
+        x["img_ids"] = edit_ids(pair.reference_grid, [])[None].to(device)
+    return {k: v.expand(batch, *v.shape[1:]).contiguous() for k, v in x.items()}
+
+
+def comfy_flux(sd, cfg, device, fp8_fast: bool = False):
+    """ComfyUI's own Flux module (what its KSampler runs) on the GPU: BF16, or as its UNETLoader's
+    weight_dtype fp8_e4m3fn_fast makes it (FP8 weights, fp8 optimizations on, BF16 compute)."""
     from comfyui_pack import comfy_flux_model
 
-    return comfy_flux_model(cfg, sd, torch.bfloat16).model.diffusion_model.to(device).eval()
+    gpu_sd = {k: v.to(device) for k, v in sd.items()}
+    if fp8_fast:
+        patcher = comfy_flux_model(cfg, gpu_sd, torch.bfloat16, weight_dtype=torch.float8_e4m3fn, fp8_optimizations=True)
+    else:
+        patcher = comfy_flux_model(cfg, gpu_sd, torch.bfloat16)
+    return patcher.model.diffusion_model.to(device).eval()
 
 
-def fp8_model(sd, device):
-    """The PyTorch backend exactly as the loader builds it, with max-calibrated scales from one pass
-    (calibration quality does not change the speed)."""
+_calibrated_state = {}
+
+
+def fp8_model(sd, device, attention: bool):
+    """The PyTorch backend exactly as the loader builds it, from an fp8 state calibrated (once per run,
+    with attention quantization, on one default pair) with max calibration; attention=False runs that
+    state with 16-bit attention. Calibration quality does not change the speed."""
     import tempfile
 
     from engines.calibrated_state import save_calibrated_state
@@ -72,29 +100,28 @@ def fp8_model(sd, device):
     from engines.recipes import load_recipe
     from engines.runtime_torch import load_fp8_transformer
 
-    recipe = load_recipe("fp8", attention=False)
-    model = transformer_from_state_dict(sd)
-    pairs = default_encoded_pairs(model.config)[:1]
-    quantize_transformer(model, recipe, calibration_forward_loop(pairs, steps=2))
-    state = save_calibrated_state(model, recipe, Path(tempfile.mkdtemp()) / "s.calibration.safetensors")
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return load_fp8_transformer(lambda k: sd[k], state, device=device, dtype=torch.bfloat16)
-
-
-def compile_blocks(model, mode=None):
-    """torch.compile per block: the 19 double and 38 single blocks share two graphs, so Inductor compiles
-    twice, not 57 times, and no whole-model graph has to be traced."""
-    for block in list(model.double_blocks) + list(model.single_blocks):
-        block.compile(mode=mode)
-    return model
+    if "path" not in _calibrated_state:
+        recipe = load_recipe("fp8", attention=True)
+        model = transformer_from_state_dict(sd)
+        pairs = default_encoded_pairs(model.config)[:1]
+        quantize_transformer(model, recipe, calibration_forward_loop(pairs, steps=2))
+        _calibrated_state["path"] = save_calibrated_state(model, recipe,
+                                                          Path(tempfile.mkdtemp()) / "s.calibration.safetensors")
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return load_fp8_transformer(lambda k: sd[k], _calibrated_state["path"], device=device, dtype=torch.bfloat16,
+                                fp8_attention=attention)
 
 
 def make_variant(name: str, sd: dict, cfg, device):
     """A callable taking step_inputs(...) -> output tokens."""
-    if name in ("comfy_bf16", "comfy_bf16_compile"):
-        module = comfy_flux(sd, cfg, device)
+    from engines.runtime_torch import compile_blocks
+
+    if name not in VARIANTS:
+        raise SystemExit(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    if name.startswith("comfy_"):
+        module = comfy_flux(sd, cfg, device, fp8_fast=name == "comfy_fp8_fast")
         if name.endswith("_compile"):
             compile_blocks(module)
         return lambda x: module.forward_orig(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"],
@@ -102,15 +129,13 @@ def make_variant(name: str, sd: dict, cfg, device):
     gpu_sd = {k: v.to(device) for k, v in sd.items()}
     if name == "pack_bf16":
         model = transformer_from_state_dict(gpu_sd)
-    elif name in ("pack_fp8", "pack_fp8_compile", "pack_fp8_cudagraphs"):
-        model = fp8_model(gpu_sd, device)
+    else:
+        model = fp8_model(gpu_sd, device, attention=name.startswith("pack_fp8_attn"))
         del gpu_sd
         if name.endswith("_compile"):
             compile_blocks(model)
         elif name.endswith("_cudagraphs"):
             compile_blocks(model, mode="reduce-overhead")
-    else:
-        raise SystemExit(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
     if name.endswith("_cudagraphs"):
         def step(x):
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous step's graph outputs may be reused
@@ -138,66 +163,107 @@ def time_steps(fn, x, warmup: int, iters: int) -> tuple[float, float, torch.Tens
     return sorted(times)[len(times) // 2], first, out
 
 
+def load_weights(args, device):
+    """(state dict on the CPU, config): the checkpoint's, or random full-size Kontext weights."""
+    if not args.checkpoint:
+        sd = random_state_dict(KONTEXT_DEV, seed=0, dtype=torch.bfloat16, device=device)
+        return {k: v.cpu() for k, v in sd.items()}, KONTEXT_DEV
+    from safetensors.torch import load_file
+
+    from engines import config_from_state_dict, strip_prefix
+
+    sd = {k: v.to(torch.bfloat16) for k, v in strip_prefix(load_file(args.checkpoint)).items()}
+    return sd, config_from_state_dict(sd)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"))
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--batch", default="1")
-    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--batch", default="1,2")
+    p.add_argument("--shapes", default="1024r", help="comma-separated sides in pixels, 'r' = with one reference")
+    p.add_argument("--checkpoint", help="a FLUX.1 Kontext [dev] safetensors (BFL or ComfyUI keys); default: random")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile", action="store_true",
-                   help="after timing, profile one step of each variant and print its 20 costliest kernels")
+                   help="after timing, profile one step of each variant (first shape and batch): 25 costliest kernels")
     p.add_argument("--out", default="output/step_speed.json")
     args = p.parse_args(argv)
     if not args.comfyui:
         p.error("--comfyui or COMFYUI_PATH: a ComfyUI checkout (its Flux is the baseline)")
     sys.path.insert(0, args.comfyui)
     use_eager_fp8_fake_quant()  # the calibration pass only sets scales; no ~1 min extension build
+    # One static graph per shape (what a user at one resolution gets), not a dynamic-shape graph from the
+    # second shape on; enough recompiles for every shape of the sweep.
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
 
-    device, cfg = torch.device("cuda"), KONTEXT_DEV
-    sd = {k: v.cpu() for k, v in random_state_dict(cfg, seed=0, dtype=torch.bfloat16, device=device).items()}
+    device = torch.device("cuda")
+    sd, cfg = load_weights(args, device)
     torch.cuda.empty_cache()
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-               cudnn=torch.backends.cudnn.version(), size=args.size, tokens=2 * (args.size // 16) ** 2 + 512)
+    shapes = [parse_shape(s) for s in args.shapes.split(",")]
+    batches = [int(b) for b in args.batch.split(",")]
+    import triton
+
+    env = dict(gpu=torch.cuda.get_device_name(), driver=_driver_version(), torch=torch.__version__,
+               cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), triton=triton.__version__,
+               weights=args.checkpoint or "random")
     rows, reference = [], {}
-    for batch in (int(b) for b in args.batch.split(",")):
-        x = step_inputs(args.size, batch, device)
-        for name in args.variants.split(","):
-            t0 = time.perf_counter()
-            fn = make_variant(name, sd, cfg, device)
-            gc.collect()
-            torch.cuda.empty_cache()
+    for name in args.variants.split(","):
+        t0 = time.perf_counter()
+        fn = make_variant(name, sd, cfg, device)
+        setup_s = time.perf_counter() - t0
+        gc.collect()
+        torch.cuda.empty_cache()
+        for (size, with_ref), batch in ((shape, b) for shape in shapes for b in batches):
+            key = (size, with_ref, batch)
+            x = step_inputs(cfg, size, with_ref, batch, device)
             torch.cuda.reset_peak_memory_stats()  # the step's peak: weights + activations, not the set-up
-            setup_s = time.perf_counter() - t0
             ms, first_s, out = time_steps(fn, x, args.warmup, args.iters)
             out = out.float().cpu()
             if name == "comfy_bf16":
-                reference[batch] = out
-            cos = output_error(reference[batch], out)[0] if batch in reference else None
-            row = dict(variant=name, batch=batch, ms_per_step=round(ms, 1), peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
+                reference[key] = out
+            cos = output_error(reference[key], out)[0] if key in reference else None
+            base = next((r["ms_per_step"] for r in rows if r["variant"] == "comfy_bf16"
+                         and (r["size"], r["reference"], r["batch"]) == key), None)
+            row = dict(variant=name, size=size, reference=with_ref, tokens=x["img"].shape[1] + x["txt"].shape[1],
+                       batch=batch, ms_per_step=round(ms, 1), speedup_vs_comfy_bf16=round(base / ms, 2) if base else None,
+                       peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
                        cosine_to_comfy_bf16=None if cos is None else round(cos, 5),
                        setup_s=round(setup_s, 1), first_step_s=round(first_s, 2))
             rows.append(row)
-            base = next((r["ms_per_step"] for r in rows if r["variant"] == "comfy_bf16" and r["batch"] == batch), None)
-            row["speedup_vs_comfy_bf16"] = round(base / ms, 2) if base else None
             print(json.dumps(row), flush=True)
-            if args.profile:
+            if args.profile and key == (*shapes[0], batches[0]):
                 from torch.profiler import ProfilerActivity, profile
 
                 with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
                     fn(x)
                     torch.cuda.synchronize()
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70),
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90),
                       flush=True)
-            fn = None
+        fn = None
+        gc.collect()
+        torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
-    print("| variant | batch | ms/step | vs ComfyUI BF16 | peak GiB | cosine | first step s |\n|---|---|---|---|---|---|---|")
+    print(json.dumps(env))
+    print("| variant | shape | tokens | batch | ms/step | vs ComfyUI BF16 | peak GiB | cosine | first step s |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']} | {r['speedup_vs_comfy_bf16']}x | {r['peak_gib']} | "
-              f"{r['cosine_to_comfy_bf16']} | {r['first_step_s']} |")
+        print(f"| {r['variant']} | {r['size']}{'+ref' if r['reference'] else ''} | {r['tokens']} | {r['batch']} | "
+              f"{r['ms_per_step']} | {r['speedup_vs_comfy_bf16']}x | {r['peak_gib']} | {r['cosine_to_comfy_bf16']} | "
+              f"{r['first_step_s']} |")
     return 0
+
+
+def _driver_version() -> str | None:
+    try:
+        import subprocess
+
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ the 16-bit model is never held whole (a Kontext costs ~12 GB, not 24). Layers th
 FP8Linear runs `torch._scaled_mm` (real FP8 GEMMs with the calibrated static scales) on GPUs that
 have FP8 tensor cores (compute capability >= 8.9); elsewhere it computes in 16-bit from the FP8
 weights, quantizing activations the same way, so the numbers are the calibrated model's everywhere.
-Attention runs in 16-bit SDPA here.
+When the state was calibrated with attention quantization (the recipe's default), attention runs
+in FP8 too (`fp8_attention.py`: a fused Triton kernel on those GPUs, the recipe in PyTorch elsewhere).
+`compile_blocks` makes it fast: each block compiled, the quantization of activations fused into the
+ops that produce them.
 """
 from __future__ import annotations
 
@@ -22,23 +25,14 @@ from torch import Tensor, nn
 
 from .calibrated_state import read_state_metadata
 from .config import KontextConfig
-from .recipes import parse_recipe
-from .transformer import KontextTransformer
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from .fp8 import FP8_MAX, fp8_tensor_cores, quantize_fp8
+from .fp8_attention import FP8Attention
+from .recipes import ATTENTION_QUANTIZERS, parse_recipe
+from .transformer import Attention, KontextTransformer
 
 
 class BackendError(ValueError):
     """A calibrated state or checkpoint this backend cannot run."""
-
-
-def quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-
-
-def fp8_gemm_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 class FP8Linear(nn.Module):
@@ -55,7 +49,7 @@ class FP8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_scale is not None and fp8_gemm_supported(x.device):
+        if self.input_scale is not None and fp8_tensor_cores(x.device):
             shape = x.shape
             out = torch._scaled_mm(quantize_fp8(x.reshape(-1, shape[-1]), self.input_scale), self.weight.t(),
                                    scale_a=self.input_scale, scale_b=self.weight_scale, bias=self.bias,
@@ -68,11 +62,12 @@ class FP8Linear(nn.Module):
 
 
 def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device="cpu",
-                         dtype: torch.dtype = torch.bfloat16) -> KontextTransformer:
+                         dtype: torch.dtype = torch.bfloat16, fp8_attention: bool = True) -> KontextTransformer:
     """A KontextTransformer whose quantized Linears are FP8Linear, from a checkpoint and a calibrated state.
 
     get_tensor(name) returns the checkpoint's tensor for a BFL key (e.g. a safetensors safe_open
-    handle's get_tensor), so tensors are read one at a time.
+    handle's get_tensor), so tensors are read one at a time. Attention is FP8Attention when the state
+    was calibrated with attention quantization, unless fp8_attention=False (16-bit SDPA, for comparison).
     """
     from safetensors import safe_open
 
@@ -113,11 +108,38 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
         del weight
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
+    if recipe.attention and fp8_attention:
+        _use_fp8_attention(model, amax, state_path, device)
     for name, p in list(model.named_parameters()):  # the RMSNorm scales
         if p.is_meta:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, nn.Parameter(get_tensor(name).to(device, dtype), requires_grad=False))
     return model.eval().requires_grad_(False)
+
+
+def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state_path, device) -> None:
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Attention):
+            continue
+        scales = []
+        for role in ("q", "k", "v"):
+            key = f"{name}.{ATTENTION_QUANTIZERS[role]}._amax"
+            if key not in amax or amax[key].numel() != 1:
+                raise BackendError(f"{state_path}: the recipe quantizes attention but {key} is "
+                                   f"{'missing' if key not in amax else 'not per-tensor'}")
+            scales.append(amax[key].to(device).float() / FP8_MAX)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, FP8Attention(*scales))
+
+
+def compile_blocks(model: KontextTransformer, mode: str | None = None) -> KontextTransformer:
+    """torch.compile each transformer block (CUDA): Inductor fuses the elementwise work (norms, RoPE,
+    modulation, GELU) and the FP8 quantization of every GEMM / attention input into the op that produces
+    it. Per block, not whole-model: the 19 double and 38 single blocks share two graphs, so the first
+    step compiles twice, not 57 times. mode="reduce-overhead" replays each block as a CUDA graph."""
+    for block in list(model.double_blocks) + list(model.single_blocks):
+        block.compile(mode=mode)
+    return model
 
 
 def transformer_bytes(model: nn.Module) -> int:

@@ -24,20 +24,26 @@ def load_pack_into_comfyui(tmp_path: Path) -> dict:
     return _LOADED
 
 
-def comfy_flux_model(cfg, sd: dict, dtype, load_device=None):
+def comfy_flux_model(cfg, sd: dict, dtype, load_device=None, weight_dtype=None, fp8_optimizations: bool = False):
     """ComfyUI's Flux MODEL (ModelPatcher over comfy.model_base.Flux) over `sd`, assigned, not copied.
 
     ComfyUI's checkpoint detection hardcodes Flux's full width, so the model is assembled from its
-    supported-model class directly, the way comfy.sd does after detection.
+    supported-model class directly, the way comfy.sd does after detection. weight_dtype (with dtype as
+    the compute dtype) and fp8_optimizations are what its UNETLoader's weight_dtype option sets
+    (fp8_e4m3fn_fast: torch.float8_e4m3fn + fp8_optimizations).
     """
     import torch
     import comfy.model_patcher
     import comfy.supported_models
 
     model_config = comfy.supported_models.Flux(cfg.comfy_unet_config())
-    model_config.set_inference_dtype(dtype, None)
+    model_config.set_inference_dtype(weight_dtype or dtype, dtype if weight_dtype is not None else None)
+    if fp8_optimizations:
+        model_config.optimizations["fp8"] = True
     model = model_config.get_model({}, device="meta")  # only the diffusion model's layers: nothing allocated twice
-    # .to(dtype) shares tensors already in that dtype (a 24 GB BF16 model is never held twice) and casts others.
-    model.diffusion_model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    # Each tensor in the dtype ComfyUI gave its parameter; .to() shares tensors already in that dtype (a 24 GB
+    # BF16 model is never held twice) and casts others.
+    want = {k: v.dtype for k, v in model.diffusion_model.state_dict().items()}
+    model.diffusion_model.load_state_dict({k: v.to(want.get(k, dtype)) for k, v in sd.items()}, strict=True, assign=True)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device or cpu, offload_device=cpu)

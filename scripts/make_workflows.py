@@ -66,7 +66,7 @@ WORKFLOWS = {
         "FP8 model through PyTorch, which needs the checkpoint).\n3. Load your image, edit the instructions, queue. "
         "Each turn edits the previous turn's latent; change turn 3's text and only turn 3 runs again.",
         {"1": {"class_type": "KontextTRT_LoadQuantized", "inputs": {"engine": ENGINE, "backend": "auto",
-                                                                    "checkpoint": CHECKPOINT}},
+                                                                    "checkpoint": CHECKPOINT, "compile": True}},
          **COMMON, **turns(10, "1", "4", "kontext_quantized")}),
     "kontext_three_turn_edit_compare": (
         "The same three turns on the original and the quantized model, side by side\n\nTop chain: FLUX.1 Kontext "
@@ -74,7 +74,7 @@ WORKFLOWS = {
         "the two Edit History sheets.",
         {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": CHECKPOINT, "weight_dtype": "default"}},
          "5": {"class_type": "KontextTRT_LoadQuantized", "inputs": {"engine": ENGINE, "backend": "auto",
-                                                                    "checkpoint": CHECKPOINT}},
+                                                                    "checkpoint": CHECKPOINT, "compile": True}},
          **COMMON, **turns(10, "1", "4", "kontext_original"), **turns(40, "5", "4", "kontext_quantized")}),
 }
 

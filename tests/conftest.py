@@ -7,3 +7,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # --import-mode=importlib so it never imports the root __init__.py, which needs ComfyUI.
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+# Without a GPU, Triton kernels run under Triton's CPU interpreter. It is chosen when a kernel is defined
+# and read from the environment once, so it is set here, before any test imports Triton.
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass

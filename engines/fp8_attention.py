@@ -1,0 +1,103 @@
+"""Attention in FP8 per the recipe, at run time: the PyTorch backend's form of ModelOpt's QuantAttention.
+
+Q, K and V are quantized to FP8 E4M3 with their calibrated per-tensor scales (in the op that
+produces them, once a block is compiled: Inductor fuses the quantization into RMSNorm + RoPE), then
+
+  - on CUDA GPUs with FP8 tensor cores (compute capability >= 8.9) and Triton: one fused kernel
+    (`fp8_attention_triton.py`), exposed to torch.compile as the custom op `kontext_trt::fp8_attention`;
+  - elsewhere: the recipe written out in PyTorch (FP32 QK^T and softmax, P quantized with amax 1),
+    which is what ModelOpt's calibrated model computes, so CPU runs and tests see the same numbers.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from .fp8 import FP8, FP8_MAX, fp8_tensor_cores, quantize_fp8
+
+# Heads per chunk of the PyTorch path: at 8704 tokens one head's FP32 scores are 300 MB.
+HEADS_PER_CHUNK = 4
+
+
+@functools.cache
+def fused_kernel_available(device: torch.device) -> bool:
+    if not fp8_tensor_cores(device):
+        return False
+    try:
+        from . import fp8_attention_triton  # noqa: F401
+    except ImportError as e:
+        logging.warning("Kontext TRT: Triton is not importable (%s): FP8 attention runs unfused in PyTorch, "
+                        "with the same numbers and much slower", e)
+        return False
+    return True
+
+
+def _fused(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
+    from .fp8_attention_triton import fp8_attention
+
+    return fp8_attention(q8, k8, vt8, scales, out_dtype)
+
+
+def _fused_shape(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
+    batch, heads, seq_len, head_dim = q8.shape
+    return q8.new_empty((batch, seq_len, heads, head_dim), dtype=out_dtype)
+
+
+def _register_op():
+    """kontext_trt::fp8_attention, once per process (the pack can be imported under two package names)."""
+    try:
+        return torch.ops.kontext_trt.fp8_attention
+    except AttributeError:
+        pass
+    op = torch.library.custom_op("kontext_trt::fp8_attention", mutates_args=())(_fused)
+    op.register_fake(_fused_shape)
+    return torch.ops.kontext_trt.fp8_attention
+
+
+fused_fp8_attention = _register_op()
+
+
+def transpose_for_kernel(v8: Tensor) -> Tensor:
+    """v8 [B, H, L, D] -> V^T [B, H, D, L] with L contiguous, as the kernel takes it. Each row starts 16-byte
+    aligned (L padded to a multiple of 16 in the storage, not in the view): at L = 15650 unaligned rows cost
+    the kernel half its speed (measured on an H100)."""
+    batch, heads, seq_len, head_dim = v8.shape
+    storage = v8.new_empty((batch, heads, head_dim, -(-seq_len // 16) * 16))
+    vt8 = storage[..., :seq_len]
+    vt8.copy_(v8.transpose(-1, -2))
+    return vt8
+
+
+def fp8_attention_reference(q8: Tensor, k8: Tensor, v8: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """The recipe in PyTorch, as QuantAttention computes it: q8, k8, v8 [B, H, L, D] -> [B, L, H, D]."""
+    q_scale, k_scale, v_scale = scales.float().unbind()
+    chunks = []
+    for h in range(0, q8.shape[1], HEADS_PER_CHUNK):
+        q, k, v = (t[:, h:h + HEADS_PER_CHUNK].float() for t in (q8, k8, v8))
+        s = (q @ k.transpose(-1, -2)) * (q_scale * k_scale * q.shape[-1] ** -0.5)
+        p = torch.softmax(s, dim=-1)
+        p8 = (p * FP8_MAX).to(FP8).float()
+        chunks.append((p8 @ v) * (v_scale / FP8_MAX))
+    return torch.cat(chunks, dim=1).transpose(1, 2).to(out_dtype)
+
+
+class FP8Attention(nn.Module):
+    """Drop-in for transformer.Attention: q, k, v [B, H, L, D] (16-bit, RoPE applied) -> [B, L, H*D]."""
+
+    def __init__(self, q_scale: Tensor, k_scale: Tensor, v_scale: Tensor):
+        super().__init__()
+        # One [3] tensor: the kernel reads the scales from device memory, so no host sync and no
+        # recompilation when they change, and CUDA graphs can capture the call.
+        self.register_buffer("scales", torch.stack([s.float().reshape(()) for s in (q_scale, k_scale, v_scale)]))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q_scale, k_scale, v_scale = self.scales.unbind()
+        q8, k8, v8 = quantize_fp8(q, q_scale), quantize_fp8(k, k_scale), quantize_fp8(v, v_scale)
+        if fused_kernel_available(q.device):
+            out = fused_fp8_attention(q8, k8, transpose_for_kernel(v8), self.scales, q.dtype)
+        else:
+            out = fp8_attention_reference(q8, k8, v8, self.scales, q.dtype)
+        return out.flatten(2)
