@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.fp8 import FP8_MAX, quantize_fp8  # noqa: E402
-from engines.fp8_attention import fp8_attention_reference, transpose_for_kernel  # noqa: E402
+from engines.fp8_attention import fp8_attention_reference, quantize_transposed_for_kernel  # noqa: E402
 from engines.fp8_attention_triton import CONFIGS, fp8_attention  # noqa: E402
 
 HEADS, HEAD_DIM = 24, 128
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
                    for s in (2.0, 2.0, 1.0))
         scales = torch.stack([t.float().abs().max() / FP8_MAX for t in (q, k, v)])
         q8, k8, v8 = (quantize_fp8(t, s) for t, s in zip((q, k, v), scales))
-        vt8 = transpose_for_kernel(v8)
+        vt8 = quantize_transposed_for_kernel(v, scales[2])
         qd, kd, vd = (t.float() * s for t, s in zip((q8, k8, v8), scales))
         exact = F.scaled_dot_product_attention(qd, kd, vd).transpose(1, 2)
         flop = 4 * seq_len * seq_len * HEAD_DIM * HEADS

@@ -9,7 +9,8 @@ pair of the default calibration set. Random weights unless --checkpoint is given
 depend on them). Reports per variant, shape and batch:
 median ms per step over --iters calls after warm-up (CUDA events), the ratio to ComfyUI BF16 eager,
 peak GPU memory, the output's cosine to ComfyUI BF16 eager, and the time to the first step (the first
-call, including compilation and the attention kernel's autotuning). No test asserts any of this; the
+call, including compilation and the attention kernel's autotuning, with Inductor's graph cache off and
+an empty Triton cache unless --warm-caches). No test asserts any of this; the
 README quotes the JSON.
 
 Variants:
@@ -187,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile one step of each variant (first shape and batch): 25 costliest kernels")
+    p.add_argument("--warm-caches", action="store_true",
+                   help="keep Triton's kernel cache from earlier runs (first step then excludes kernel compilation)")
     p.add_argument("--out", default="output/step_speed.json")
     args = p.parse_args(argv)
     if not args.comfyui:
@@ -196,6 +199,13 @@ def main(argv=None) -> int:
     # One static graph per shape (what a user at one resolution gets), not a dynamic-shape graph from the
     # second shape on; enough recompiles for every shape of the sweep.
     torch._dynamo.config.automatic_dynamic_shapes = False
+    # The first step as a user's first run sees it: no compiled graphs or autotuning from earlier runs (kernels
+    # compiled by an earlier variant of this run are still reused).
+    torch._inductor.config.fx_graph_cache = False
+    if not args.warm_caches:
+        import tempfile
+
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_cache_")
     torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
 
     device = torch.device("cuda")

@@ -14,6 +14,7 @@ import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fp8 import FP8, FP8_MAX, fp8_tensor_cores, quantize_fp8
@@ -60,15 +61,16 @@ def _register_op():
 fused_fp8_attention = _register_op()
 
 
-def transpose_for_kernel(v8: Tensor) -> Tensor:
-    """v8 [B, H, L, D] -> V^T [B, H, D, L] with L contiguous, as the kernel takes it. Each row starts 16-byte
-    aligned (L padded to a multiple of 16 in the storage, not in the view): at L = 15650 unaligned rows cost
-    the kernel half its speed (measured on an H100)."""
-    batch, heads, seq_len, head_dim = v8.shape
-    storage = v8.new_empty((batch, heads, head_dim, -(-seq_len // 16) * 16))
-    vt8 = storage[..., :seq_len]
-    vt8.copy_(v8.transpose(-1, -2))
-    return vt8
+def quantize_transposed_for_kernel(v: Tensor, v_scale: Tensor) -> Tensor:
+    """v [B, H, L, D] (16-bit) -> FP8 V^T [B, H, D, L] with L contiguous, as the kernel takes it. Each row starts
+    16-byte aligned (L padded to a multiple of 16 in the storage, not in the view): at L = 15650 unaligned
+    rows cost the kernel half its speed (measured on an H100). Padded before quantizing: Inductor (PyTorch
+    2.11) cannot generate the FP8 fill value a padded FP8 copy needs."""
+    seq_len = v.shape[2]
+    vt = v.transpose(-1, -2)
+    if seq_len % 16:
+        vt = F.pad(vt, (0, 16 - seq_len % 16))
+    return quantize_fp8(vt, v_scale).contiguous()[..., :seq_len]
 
 
 def fp8_attention_reference(q8: Tensor, k8: Tensor, v8: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -95,9 +97,9 @@ class FP8Attention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q_scale, k_scale, v_scale = self.scales.unbind()
-        q8, k8, v8 = quantize_fp8(q, q_scale), quantize_fp8(k, k_scale), quantize_fp8(v, v_scale)
+        q8, k8 = quantize_fp8(q, q_scale), quantize_fp8(k, k_scale)
         if fused_kernel_available(q.device):
-            out = fused_fp8_attention(q8, k8, transpose_for_kernel(v8), self.scales, q.dtype)
+            out = fused_fp8_attention(q8, k8, quantize_transposed_for_kernel(v, v_scale), self.scales, q.dtype)
         else:
-            out = fp8_attention_reference(q8, k8, v8, self.scales, q.dtype)
+            out = fp8_attention_reference(q8, k8, quantize_fp8(v, v_scale), self.scales, q.dtype)
         return out.flatten(2)

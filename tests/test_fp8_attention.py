@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.fp8 import FP8_MAX, quantize_fp8
-from engines.fp8_attention import FP8Attention, fp8_attention_reference
+from engines.fp8_attention import FP8Attention, fp8_attention_reference, quantize_transposed_for_kernel
 
 
 def fp8_inputs(batch, heads, seq_len, head_dim, device="cpu", seed=0):
@@ -45,7 +45,8 @@ def triton_interpreter():
 @pytest.mark.parametrize("seq_len", [50, 128, 200])
 def test_kernel_is_exact_attention_apart_from_quantizing_p(triton_interpreter, seq_len):
     q8, k8, v8, scales = fp8_inputs(2, 3, seq_len, 32, seed=seq_len)
-    out = triton_interpreter.fp8_attention(q8, k8, v8.transpose(-1, -2).contiguous(), scales, torch.float32,
+    vt8 = quantize_transposed_for_kernel(v8.float() * scales[2], scales[2])
+    out = triton_interpreter.fp8_attention(q8, k8, vt8, scales, torch.float32,
                                            config=dict(BLOCK_M=64, BLOCK_N=64), quantize_p=False)
     assert out.shape == (2, seq_len, 3, 32)
     assert rel(out, exact_attention(q8, k8, v8, scales)) < 1e-5  # FP32 online softmax: rounding only
@@ -66,6 +67,16 @@ def test_kernel_refuses_wrong_inputs_by_name(triton_interpreter):
         triton_interpreter.fp8_attention(q8, k8, v8, scales, torch.float32)
     with pytest.raises(ValueError, match="q8 must be float8_e4m3fn .* got torch.float32"):
         triton_interpreter.fp8_attention(q8.float(), k8, v8.transpose(-1, -2).contiguous(), scales, torch.float32)
+
+
+@pytest.mark.parametrize("seq_len", [50, 64])
+def test_v_goes_to_the_kernel_transposed_in_fp8_with_aligned_rows(seq_len):
+    v = torch.randn(2, 3, seq_len, 32)
+    scale = v.abs().max() / FP8_MAX
+    vt8 = quantize_transposed_for_kernel(v, scale)
+    assert vt8.shape == (2, 3, 32, seq_len) and vt8.dtype == torch.float8_e4m3fn
+    assert vt8.stride(-1) == 1 and vt8.stride(-2) % 16 == 0  # each row 16-byte aligned
+    assert torch.equal(vt8.float(), quantize_fp8(v, scale).transpose(-1, -2).float())
 
 
 def test_recipe_form_differs_from_exact_only_by_p_quantization():
@@ -112,13 +123,14 @@ def test_fused_kernel_on_the_gpu_computes_the_recipe(seq_len):
 def test_fused_kernel_sums_long_flat_attention_in_full_precision():
     """Uniform attention over 8704 keys: P = 1 everywhere, O = the mean of V. Hopper's FP8 MMA accumulates in
     reduced precision; summed over all keys in it, late blocks would be rounded away."""
-    from engines.fp8_attention import transpose_for_kernel
+    from engines.fp8_attention import quantize_transposed_for_kernel
     from engines.fp8_attention_triton import fp8_attention
 
     seq_len, scales = 8704, torch.tensor([1.0, 1.0, 1.0 / FP8_MAX], device="cuda")
     q8 = torch.zeros(1, 2, seq_len, 128, device="cuda").to(torch.float8_e4m3fn)
     k8 = torch.randn(1, 2, seq_len, 128, device="cuda").to(torch.float8_e4m3fn)
     v8 = (torch.rand(1, 2, seq_len, 128, device="cuda") * 224 + 224).to(torch.float8_e4m3fn)
-    out = fp8_attention(q8, k8, transpose_for_kernel(v8), scales, torch.float32)
+    out = fp8_attention(q8, k8, quantize_transposed_for_kernel(v8.float(), scales[2] * FP8_MAX), scales,
+                        torch.float32)
     want = (v8.float() / FP8_MAX).mean(dim=2, keepdim=True).transpose(1, 2).expand_as(out)
     assert rel(out, want) < 1e-3
