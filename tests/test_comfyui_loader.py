@@ -123,8 +123,12 @@ def test_backend_choice_on_this_machine(setup, caplog):
     assert type(loaded.model.diffusion_model.backend).__name__ == "KontextTransformer"
     node = nodes["KontextTRT_LoadQuantized"]
     with caplog.at_level(logging.INFO):
-        node.execute(engine, "auto", "tiny_kontext.safetensors")
+        uncompiled = node.execute(engine, "auto", "tiny_kontext.safetensors", compile=True).result[0]
     assert "runs on the pytorch backend: the TensorRT engine cannot run here" in caplog.text
+    # compile is CUDA-only: asked for on this CPU, the node says it is not done (and does not do it).
+    assert "compile is on, but cpu is not a CUDA device: the blocks run uncompiled" in caplog.text
+    block = uncompiled.model.diffusion_model.backend.single_blocks[0]
+    assert getattr(block, "_compiled_call_impl", None) is None
     errors = sys.modules[node.__module__].choose_backend.__globals__["EngineMismatch"]
     with pytest.raises(errors, match="TensorRT engines run on an NVIDIA GPU; none was found"):
         node.execute(engine, "tensorrt", "tiny_kontext.safetensors")

@@ -13,14 +13,18 @@ from engines.recipes import load_recipe  # noqa: E402
 from engines.runtime_torch import BackendError, FP8Linear, load_fp8_transformer, transformer_bytes  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def calibrated(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rt")
+def calibrate_tiny(tmp, attention: bool):
+    """(fake-quant model, its 16-bit state dict, calibrated state path, held-out pairs) for the fp8 recipe."""
     pairs = encoded_pairs(tmp, n=4)
     model, sd = tiny_model()
-    recipe = load_recipe("fp8", attention=False)
+    recipe = load_recipe("fp8", attention=attention)
     quantize_transformer(model, recipe, calibration_forward_loop(pairs[:3], steps=2))
     return model, sd, save_calibrated_state(model, recipe, tmp / "state.safetensors"), pairs[3:]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    return calibrate_tiny(tmp_path_factory.mktemp("rt"), attention=False)
 
 
 @torch.no_grad()
@@ -74,12 +78,7 @@ def test_checkpoint_of_another_model_is_refused(calibrated):
 
 @pytest.fixture(scope="module")
 def calibrated_with_attention(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rt_attn")
-    pairs = encoded_pairs(tmp, n=4)
-    model, sd = tiny_model()
-    recipe = load_recipe("fp8", attention=True)
-    quantize_transformer(model, recipe, calibration_forward_loop(pairs[:3], steps=2))
-    return model, sd, save_calibrated_state(model, recipe, tmp / "state.safetensors"), pairs[3:]
+    return calibrate_tiny(tmp_path_factory.mktemp("rt_attn"), attention=True)
 
 
 @torch.no_grad()
