@@ -24,6 +24,7 @@ Variants:
   pack_fp8_attn         the backend as the loader builds it from an fp8 state calibrated with attention:
                         FP8 GEMMs + FP8 attention (the fused Triton kernel), eager
   pack_fp8_attn_compile the same, blocks compiled: the pack's fast path
+  pack_fp8_attn_compile_tuned  the same with Inductor's coordinate-descent tuning of its kernels
   pack_fp8_attn_cudagraphs  the same with mode="reduce-overhead": each block replayed as a CUDA graph
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ from engines.tokens import edit_ids  # noqa: E402
 
 GIB = 2**30
 VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "pack_fp8", "pack_fp8_compile",
-            "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_cudagraphs")
+            "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs")
 
 
 def parse_shape(shape: str) -> tuple[int, bool]:
@@ -135,6 +136,8 @@ def make_variant(name: str, sd: dict, cfg, device):
         del gpu_sd
         if name.endswith("_compile"):
             compile_blocks(model)
+        elif name.endswith("_compile_tuned"):
+            compile_blocks(model, tune=True)
         elif name.endswith("_cudagraphs"):
             compile_blocks(model, mode="reduce-overhead")
     if name.endswith("_cudagraphs"):

@@ -132,13 +132,17 @@ def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state
         setattr(model.get_submodule(parent), child, FP8Attention(*scales))
 
 
-def compile_blocks(model: KontextTransformer, mode: str | None = None) -> KontextTransformer:
+def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: bool = False) -> KontextTransformer:
     """torch.compile each transformer block (CUDA): Inductor fuses the elementwise work (norms, RoPE,
     modulation, GELU) and the FP8 quantization of every GEMM / attention input into the op that produces
     it. Per block, not whole-model: the 19 double and 38 single blocks share two graphs, so the first
-    step compiles twice, not 57 times. mode="reduce-overhead" replays each block as a CUDA graph."""
+    step compiles twice, not 57 times. mode="reduce-overhead" replays each block as a CUDA graph. tune:
+    Inductor also tunes each generated kernel's launch parameters (coordinate descent; longer first step)."""
+    kwargs = {"mode": mode}
+    if tune:
+        kwargs = {"options": {"coordinate_descent_tuning": True, "triton.cudagraphs": mode == "reduce-overhead"}}
     for block in list(model.double_blocks) + list(model.single_blocks):
-        block.compile(mode=mode)
+        block.compile(**kwargs)
     return model
 
 
