@@ -55,10 +55,27 @@ class FP8Linear(nn.Module):
                                    scale_a=self.input_scale, scale_b=self.weight_scale, bias=self.bias,
                                    out_dtype=x.dtype)
             return out.reshape(*shape[:-1], out.shape[-1])
+        if self.input_scale is None and torch.compiler.is_compiling() and x.numel() <= GEMV_ROWS * x.shape[-1]:
+            return fp8_weight_gemv(x, self.weight, self.weight_scale, self.bias)
         if self.input_scale is not None:
             x = (quantize_fp8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
         weight = (self.weight.float() * self.weight_scale).to(x.dtype)
         return F.linear(x, weight, self.bias)
+
+
+# Weight-only layers run on one row per sample (the modulation: 3.2 B of the 11.9 B weights). Dequantizing
+# their weights to 16-bit for F.linear every step moved ~10 GB on an H100 (3.2 ms of a 215 ms step) and
+# the GEMV then read 16-bit weights again; written as multiply-and-sum, Inductor makes one reduction kernel
+# that reads each FP8 weight once. Eager, the [rows, N, K] product would be materialized: compiled only.
+GEMV_ROWS = 8
+
+
+def fp8_weight_gemv(x: Tensor, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x [..., K] (few rows) @ (weight_fp8 [N, K] * weight_scale)^T + bias, accumulated in FP32."""
+    out = (x.float().unsqueeze(-2) * weight_fp8.float()).sum(-1) * weight_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device="cpu",

@@ -120,3 +120,16 @@ def test_backend_refuses_a_state_missing_attention_scales(calibrated_with_attent
     save_file(tensors, str(broken), metadata=meta)
     with pytest.raises(BackendError, match=r"single_blocks.0.attention.v_bmm_quantizer._amax is missing"):
         load_fp8_transformer(sd.__getitem__, broken)
+
+
+def test_weight_only_gemv_is_the_dequantized_linear():
+    from engines.fp8 import quantize_fp8
+    from engines.runtime_torch import fp8_weight_gemv
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g)
+    scale = w.abs().max() / 448.0
+    w8, bias, x = quantize_fp8(w, scale), torch.randn(96, generator=g), torch.randn(2, 64, generator=g)
+    want = torch.nn.functional.linear(x, w8.float() * scale, bias)
+    got = fp8_weight_gemv(x, w8, scale, bias)
+    assert got.shape == (2, 96) and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
