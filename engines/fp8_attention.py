@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from .fp8 import FP8, FP8_MAX, fp8_tensor_cores, quantize_fp8
 
-# Heads per chunk of the PyTorch path: at 8704 tokens one head's FP32 scores are 300 MB.
+# Heads per chunk of the written-out attention: at 8704 tokens one head's FP32 scores are 300 MB.
 HEADS_PER_CHUNK = 4
 
 
@@ -73,17 +74,26 @@ def quantize_transposed_for_kernel(v: Tensor, v_scale: Tensor) -> Tensor:
     return quantize_fp8(vt, v_scale).contiguous()[..., :seq_len]
 
 
+def chunked_softmax_attention(q: Tensor, k: Tensor, v: Tensor, score_scale, quantize_p: Callable[[Tensor], Tensor]
+                              ) -> Tensor:
+    """quantize_p(softmax(Q K^T * score_scale)) V in FP32, a few heads at a time: [B, H, L, D] -> [B, H, L, D].
+
+    The recipe's attention written out, as ModelOpt's QuantAttention calibrates it and as the PyTorch
+    backend runs it where the fused kernel cannot."""
+    chunks = []
+    for h in range(0, q.shape[1], HEADS_PER_CHUNK):
+        qh, kh, vh = (t[:, h:h + HEADS_PER_CHUNK].float() for t in (q, k, v))
+        p = torch.softmax((qh @ kh.transpose(-1, -2)) * score_scale, dim=-1)
+        chunks.append(quantize_p(p) @ vh)
+    return torch.cat(chunks, dim=1)
+
+
 def fp8_attention_reference(q8: Tensor, k8: Tensor, v8: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
     """The recipe in PyTorch, as QuantAttention computes it: q8, k8, v8 [B, H, L, D] -> [B, L, H, D]."""
     q_scale, k_scale, v_scale = scales.float().unbind()
-    chunks = []
-    for h in range(0, q8.shape[1], HEADS_PER_CHUNK):
-        q, k, v = (t[:, h:h + HEADS_PER_CHUNK].float() for t in (q8, k8, v8))
-        s = (q @ k.transpose(-1, -2)) * (q_scale * k_scale * q.shape[-1] ** -0.5)
-        p = torch.softmax(s, dim=-1)
-        p8 = (p * FP8_MAX).to(FP8).float()
-        chunks.append((p8 @ v) * (v_scale / FP8_MAX))
-    return torch.cat(chunks, dim=1).transpose(1, 2).to(out_dtype)
+    out = chunked_softmax_attention(q8, k8, v8, q_scale * k_scale * q8.shape[-1] ** -0.5,
+                                    lambda p: (p * FP8_MAX).to(FP8).float())  # P on the FP8 grid, in units of 1/448
+    return (out * (v_scale / FP8_MAX)).transpose(1, 2).to(out_dtype)
 
 
 class FP8Attention(nn.Module):

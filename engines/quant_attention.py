@@ -13,10 +13,8 @@ from modelopt.torch.quantization.export_onnx import export_fp8_mha
 from modelopt.torch.quantization.nn import QuantModule, TensorQuantizer
 from torch.onnx import symbolic_helper
 
+from .fp8_attention import chunked_softmax_attention
 from .transformer import Attention
-
-# Heads per chunk of the explicit QK^T / softmax / PV: 8704 tokens x 8704 x 4 bytes is 300 MB per head.
-HEADS_PER_CHUNK = 4
 
 
 class QuantAttention(QuantModule):
@@ -43,13 +41,7 @@ class QuantAttention(QuantModule):
         if not self.softmax_quantizer.is_enabled:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
-            scale = q.shape[-1] ** -0.5
-            chunks = []
-            for h in range(0, q.shape[1], HEADS_PER_CHUNK):
-                qh, kh, vh = (t[:, h:h + HEADS_PER_CHUNK].float() for t in (q, k, v))
-                p = torch.softmax((qh @ kh.transpose(-1, -2)) * scale, dim=-1)
-                chunks.append(self.softmax_quantizer(p) @ vh)
-            x = torch.cat(chunks, dim=1).to(v.dtype)
+            x = chunked_softmax_attention(q, k, v, q.shape[-1] ** -0.5, self.softmax_quantizer).to(v.dtype)
         return x.transpose(1, 2).flatten(2)
 
 
