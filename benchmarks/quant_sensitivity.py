@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engines import KONTEXT_DEV, random_state_dict, tiny_config, transformer_from_state_dict  # noqa: E402
 from engines.accuracy import error_table, step_outputs  # noqa: E402
 from engines.calibrated_state import save_calibrated_state  # noqa: E402
+from engines.state_dict import read_checkpoint  # noqa: E402
 from engines.calibration import calibration_forward_loop, default_encoded_pairs  # noqa: E402
 from engines.quantize import quantize_transformer, use_eager_fp8_fake_quant  # noqa: E402
 from engines.recipes import load_recipe  # noqa: E402
@@ -89,8 +90,7 @@ def main(argv=None) -> int:
     if args.tiny:
         sd = random_state_dict(tiny_config(), seed=0, dtype=torch.float32)
     elif args.checkpoint:
-        from safetensors.torch import load_file
-        sd = {k: v.to(torch.bfloat16) for k, v in load_file(args.checkpoint, device="cuda").items()}
+        sd = read_checkpoint(args.checkpoint, torch.bfloat16, "cuda")
     else:
         sd = random_state_dict(KONTEXT_DEV, seed=0, dtype=torch.bfloat16, device=device)
     base = transformer_from_state_dict(sd)

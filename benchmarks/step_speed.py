@@ -172,11 +172,10 @@ def load_weights(args, device):
     if not args.checkpoint:
         sd = random_state_dict(KONTEXT_DEV, seed=0, dtype=torch.bfloat16, device=device)
         return {k: v.cpu() for k, v in sd.items()}, KONTEXT_DEV
-    from safetensors.torch import load_file
+    from engines import config_from_state_dict
+    from engines.state_dict import read_checkpoint
 
-    from engines import config_from_state_dict, strip_prefix
-
-    sd = {k: v.to(torch.bfloat16) for k, v in strip_prefix(load_file(args.checkpoint)).items()}
+    sd = read_checkpoint(args.checkpoint, torch.bfloat16)
     return sd, config_from_state_dict(sd)
 
 

@@ -19,19 +19,13 @@ import torch
 
 from .config import tiny_config
 from .sampling import euler_edit
-from .state_dict import random_state_dict, transformer_from_state_dict
+from .state_dict import random_state_dict, read_checkpoint, transformer_from_state_dict
 from .tokens import example_inputs, tokens_for_pixels
 
 
 def load_transformer(checkpoint: str | None, device: str, dtype: torch.dtype):
     if checkpoint:
-        from safetensors.torch import load_file
-
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"--checkpoint: expected a .safetensors file, got {checkpoint!r} (no such file)")
-        sd = {k: v.to(dtype) for k, v in load_file(str(path), device=device).items()}
-        return transformer_from_state_dict(sd), f"checkpoint {path.name}"
+        return transformer_from_state_dict(read_checkpoint(checkpoint, dtype, device)), f"checkpoint {Path(checkpoint).name}"
     cfg = tiny_config()
     sd = {k: v.to(device) for k, v in random_state_dict(cfg, dtype=dtype).items()}
     return transformer_from_state_dict(sd), "embedded tiny random-weight Kontext (no checkpoint given)"

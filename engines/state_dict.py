@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from collections.abc import Mapping
 
 import torch
@@ -45,6 +46,18 @@ def strip_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     raise NotKontextError(
         "state dict: expected a Flux/Kontext transformer with key 'img_in.weight' (optionally under "
         f"{[p for p in KNOWN_PREFIXES if p]}), got {len(sd)} keys starting {sample}")
+
+
+def read_checkpoint(path, dtype: torch.dtype, device="cpu") -> dict[str, Tensor]:
+    """The transformer's tensors from a .safetensors checkpoint (BFL, ComfyUI or diffusion-model file), by
+    their own keys, in `dtype` on `device`; other models in the file (VAE, text encoders) are not read."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint: expected a .safetensors file, got {str(path)!r} (no such file)")
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        prefix = checkpoint_prefix(f.keys())
+        return {k[len(prefix):]: f.get_tensor(k).to(dtype) for k in f.keys() if k.startswith(prefix)}
 
 
 def _count_blocks(keys, kind: str) -> int:

@@ -79,3 +79,20 @@ def test_mixed_dtypes_are_refused():
     sd["img_in.bias"] = sd["img_in.bias"].half()
     with pytest.raises(NotKontextError, match="one floating dtype"):
         transformer_from_state_dict(sd)
+
+
+def test_read_checkpoint_reads_only_the_transformer_by_its_own_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    from engines.state_dict import read_checkpoint
+
+    sd = random_state_dict(tiny_config(), dtype=torch.float32)
+    file = {f"model.diffusion_model.{k}": v for k, v in sd.items()}
+    file["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4)  # a VAE in the same file
+    save_file(file, str(tmp_path / "kontext.safetensors"))
+    got = read_checkpoint(tmp_path / "kontext.safetensors", torch.bfloat16)
+    assert set(got) == set(sd)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert torch.equal(got["img_in.weight"], sd["img_in.weight"].to(torch.bfloat16))
+    with pytest.raises(FileNotFoundError, match="checkpoint: expected a .safetensors file, got '.*missing.safetensors'"):
+        read_checkpoint(tmp_path / "missing.safetensors", torch.bfloat16)
