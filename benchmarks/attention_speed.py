@@ -1,15 +1,13 @@
 """One attention call at Kontext's sizes on one GPU: the fused FP8 kernel (each tile config, and autotuned)
 against PyTorch's BF16 SDPA backends, in one run.
 
-    python benchmarks/attention_speed.py [--tokens 2560,8704,15650] [--loads pointers,tma,tma_ws] [--more-configs]
-                                         [--out output/attention_speed.json]
+    python benchmarks/attention_speed.py [--tokens 2560,8704,15650] [--more-configs]
+                                         [--no-sdpa] [--out output/attention_speed.json]
 
 24 heads of 128, batch 1; tokens = 512 text + edit (+ reference) image tokens (8704: 1024^2 with a
-1024^2 reference). Each tile config runs with each way of reading tiles (--loads): masked pointer
-loads, tensor descriptors (TMA, Hopper and later), and descriptors with Triton's warp specialization
-(a producer warp feeding the MMAs), each optionally with the next block's Q K^T issued before this
-block's softmax (_pipelined). --more-configs adds tile shapes the autotuner does not try. Reports the median ms per call (triton.testing.do_bench), TFLOP/s (4 * L^2 * D * H
-multiply-adds counted as 2 FLOP each), and the error against float32 attention of the same FP8 inputs.
+1024^2 reference). --more-configs adds tile shapes the autotuner does not try. Reports the median
+ms per call (triton.testing.do_bench), TFLOP/s (4 * L^2 * D * H multiply-adds counted as 2 FLOP each),
+and the error against float32 attention of the same FP8 inputs.
 """
 from __future__ import annotations
 
@@ -30,10 +28,8 @@ from engines.fp8_attention import fp8_attention_reference, quantize_transposed_f
 from engines.fp8_attention_triton import CONFIGS, fp8_attention  # noqa: E402
 
 HEADS, HEAD_DIM = 24, 128
-LOADS = {"pointers": dict(tma=False), "tma": dict(tma=True), "tma_ws": dict(tma=True, warp_specialize=True),
-         "pointers_more_ops": dict(tma=False, fewer_ops=False), "tma_more_ops": dict(tma=True, fewer_ops=False)}
-MORE_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2),
-                dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3),
+MORE_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3),
+                dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
                 dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
                 dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
                 dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=3)]
@@ -42,7 +38,6 @@ MORE_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2),
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", default="2560,8704,15650")
-    p.add_argument("--loads", default="pointers,tma,tma_ws", help=f"any of {','.join(LOADS)}")
     p.add_argument("--more-configs", action="store_true")
     p.add_argument("--no-sdpa", action="store_true", help="skip the BF16 SDPA rows")
     p.add_argument("--out", default="output/attention_speed.json")
@@ -82,14 +77,12 @@ def main(argv=None) -> int:
                 record(f"sdpa_bf16_{backend.name.lower()}",
                        lambda: F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2))
         configs = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in CONFIGS]
-        for load in args.loads.split(","):
-            for config in configs + (MORE_CONFIGS if args.more_configs else []):
-                name = f"fp8_triton_{load}_" + "_".join(f"{k}{v}" for k, v in config.items())
-                record(name, functools.partial(fp8_attention, q8, k8, vt8, scales, torch.bfloat16, config=config,
-                                               **LOADS[load]))
-            run = functools.partial(fp8_attention, q8, k8, vt8, scales, torch.bfloat16, **LOADS[load])
-            record(f"fp8_triton_{load}_autotuned", run)
-            record(f"fp8_triton_{load}_autotuned_unpromoted_pv", functools.partial(run, promote_pv=False))
+        for config in configs + (MORE_CONFIGS if args.more_configs else []):
+            name = "fp8_triton_" + "_".join(f"{k}{v}" for k, v in config.items())
+            record(name, functools.partial(fp8_attention, q8, k8, vt8, scales, torch.bfloat16, config=config))
+        run = functools.partial(fp8_attention, q8, k8, vt8, scales, torch.bfloat16)
+        record("fp8_triton_autotuned", run)
+        record("fp8_triton_autotuned_unpromoted_pv", functools.partial(run, promote_pv=False))
         # The recipe as ModelOpt's fake-quant computes it (FP32 matmuls, normalized P on the FP8 grid).
         record("fp8_recipe_pytorch_fp32", lambda: fp8_attention_reference(q8, k8, v8, scales, torch.float32))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -26,64 +26,39 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _softmax_times_v(acc, l_i, m_i, s, vt, start_n, seq_len, qk_scale,
-                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr,
-                     FEWER_OPS: tl.constexpr):
-    """Folds one block of BLOCK_N keys into the running output: s = Q K^T of the block (unscaled), vt its
-    V^T tile [D, BLOCK_N]. m_i is the running row max in the log2 domain (scores times qk_scale)."""
+def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, seq_len, qk_scale,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr):
+    """Folds one block of BLOCK_N keys into the running output. m_i is the running row max of the scores
+    times qk_scale (log2 domain)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
-        s = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < seq_len, s, float("-inf"))
-    if FEWER_OPS:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)
-        # 448 P, P on the FP8 grid with amax 1, straight from the exponent: 2^(s qk_scale - m + log2 448), one
-        # fused multiply-add per score.
-        p = tl.math.exp2(s * qk_scale - (m_new - 8.807354922057604)[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if QUANTIZE_P:
-            # A fresh accumulator per block: Hopper's FP8 MMAs accumulate in reduced precision, so the sum over
-            # all L keys is carried in FP32 outside them (what max_num_imprecise_acc=BLOCK_N does), and the
-            # rescale and the add are one multiply-add.
-            pv = tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
-        else:
-            pv = tl.dot(p, tl.trans(vt).to(tl.float32))
-        acc = acc * alpha[:, None] + pv
-        return acc, l_i, m_new
-    s = s * qk_scale  # log2 domain: exp2 below
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - (m_new - 8.807354922057604)[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if QUANTIZE_P and PROMOTE_PV:
-        acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc, max_num_imprecise_acc=BLOCK_N)
-    elif QUANTIZE_P:
-        acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc)
-    else:  # only for checking the rest of the kernel exactly (see tests/test_fp8_attention.py)
-        acc = tl.dot(p, tl.trans(vt).to(tl.float32), acc)
-    return acc, l_i, m_new
-
-
-@triton.jit
-def _key_tiles(k_src, v_src, start_n, seq_len, stride_kl, stride_vd,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
-    """K^T and V^T tiles [D, BLOCK_N] of keys start_n...: D-contiguous K and L-contiguous V^T are the K-major
-    operands of the two MMAs. With descriptors, rows past seq_len read as zeros (masked by the softmax)."""
-    if TMA:
-        kt = k_src.load([start_n, 0]).T
-        vt = v_src.load([0, start_n])
+        k = tl.load(k_ptrs, mask=offs_n[None, :] < seq_len, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[None, :] < seq_len, other=0.0)
     else:
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, HEAD_DIM)
-        k_ptrs = k_src + offs_n[None, :] * stride_kl + offs_d[:, None]
-        v_ptrs = v_src + offs_d[:, None] * stride_vd + offs_n[None, :]
-        if MASKED:
-            kt = tl.load(k_ptrs, mask=offs_n[None, :] < seq_len, other=0.0)
-            vt = tl.load(v_ptrs, mask=offs_n[None, :] < seq_len, other=0.0)
-        else:
-            kt = tl.load(k_ptrs)
-            vt = tl.load(v_ptrs)
-    return kt, vt
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, k)
+    if MASKED:
+        s = tl.where(offs_n[None, :] < seq_len, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    # 448 P, P on the FP8 grid with amax 1, straight from the exponent: 2^(s qk_scale - m + log2 448), one fused
+    # multiply-add per score. The special-function units, the FP32 units and the tensor cores take turns here
+    # (Triton does not overlap them as FlashAttention-3 does), so each FP32 operation per score shows: scaling
+    # the scores and the rescale-and-add of acc as multiply-adds took the kernel from 1.348 to 1.281 ms on an
+    # H100 at 8704 tokens. (FP16 exponentials, two per special-function op, measured slower: 1.401 vs 1.326
+    # ms, the conversions costing more than the halved exponentials saved.)
+    p = tl.math.exp2(s * qk_scale - (m_new - 8.807354922057604)[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if not QUANTIZE_P:  # only for checking the rest of the kernel exactly (see tests/test_fp8_attention.py)
+        acc = acc * alpha[:, None] + tl.dot(p, tl.trans(v).to(tl.float32))
+    elif PROMOTE_PV:
+        # A fresh accumulator per block: Hopper's FP8 MMAs accumulate in reduced precision (Triton's default
+        # there never promotes), so the sum over all L keys is carried in FP32 outside them.
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), tl.trans(v))
+    else:  # the sum over all keys inside the MMAs: only for the benchmark that shows what promotion costs
+        acc = tl.dot(p.to(tl.float8e4nv), tl.trans(v), acc * alpha[:, None])
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -93,73 +68,59 @@ def fp8_attention_kernel(Q, K, Vt, O, Scales, sm_scale_log2, seq_len, num_heads,
                          stride_vb, stride_vh, stride_vd,
                          stride_ob, stride_oh, stride_ol,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr, TMA: tl.constexpr,
-                         WARP_SPECIALIZE: tl.constexpr, FEWER_OPS: tl.constexpr):
+                         QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr):
     start_m = tl.program_id(0)
     qk_scale = tl.load(Scales) * tl.load(Scales + 1) * sm_scale_log2
     v_scale = tl.load(Scales + 2)
     off_bh = tl.program_id(1)
     b = off_bh // num_heads
     h = off_bh % num_heads
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    Vt += b * stride_vb + h * stride_vh
-    O += b * stride_ob + h * stride_oh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    if TMA:
-        # One 2-D descriptor per (batch, head): the copy engine reads rows past seq_len as zeros and clips
-        # them on store, so any strides and a ragged last block need no masks on memory.
-        k_src = tl.make_tensor_descriptor(K, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
-        v_src = tl.make_tensor_descriptor(Vt, [HEAD_DIM, seq_len], [stride_vd, 1], [HEAD_DIM, BLOCK_N])
-        q = tl.make_tensor_descriptor(Q, [seq_len, HEAD_DIM], [stride_ql, 1], [BLOCK_M, HEAD_DIM]).load(
-            [start_m * BLOCK_M, 0])
-    else:
-        k_src = K
-        v_src = Vt
-        q = tl.load(Q + offs_m[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < seq_len, other=0.0)
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < seq_len, other=0.0)
+    # K^T tile [D, BLOCK_N] and V^T tile [D, BLOCK_N]: D-contiguous K and L-contiguous V^T are the K-major
+    # operands of the two MMAs.
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None]
+    v_ptrs = Vt + b * stride_vb + h * stride_vh + offs_d[:, None] * stride_vd + offs_n[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_blocks_end = (seq_len // BLOCK_N) * BLOCK_N
-    for start_n in tl.range(0, full_blocks_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        kt, vt = _key_tiles(k_src, v_src, start_n, seq_len, stride_kl, stride_vd, HEAD_DIM, BLOCK_N, False, TMA)
-        acc, l_i, m_i = _softmax_times_v(acc, l_i, m_i, tl.dot(q, kt), vt, start_n, seq_len, qk_scale,
-                                         BLOCK_N, False, QUANTIZE_P, PROMOTE_PV, FEWER_OPS)
+    for start_n in range(0, full_blocks_end, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs + start_n * stride_kl, v_ptrs + start_n, start_n,
+                                      seq_len, qk_scale, BLOCK_N, False, QUANTIZE_P, PROMOTE_PV)
     if full_blocks_end < seq_len:  # the ragged last block: masked, once
-        kt, vt = _key_tiles(k_src, v_src, full_blocks_end, seq_len, stride_kl, stride_vd, HEAD_DIM, BLOCK_N, True, TMA)
-        acc, l_i, m_i = _softmax_times_v(acc, l_i, m_i, tl.dot(q, kt), vt, full_blocks_end, seq_len, qk_scale,
-                                         BLOCK_N, True, QUANTIZE_P, PROMOTE_PV, FEWER_OPS)
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs + full_blocks_end * stride_kl,
+                                      v_ptrs + full_blocks_end, full_blocks_end, seq_len, qk_scale, BLOCK_N, True, QUANTIZE_P,
+                                      PROMOTE_PV)
 
-    out = (acc * (v_scale / l_i)[:, None]).to(O.dtype.element_ty)  # l_i sums 448 P, as acc does
-    if TMA:
-        tl.make_tensor_descriptor(O, [seq_len, HEAD_DIM], [stride_ol, 1], [BLOCK_M, HEAD_DIM]).store(
-            [start_m * BLOCK_M, 0], out)
-    else:
-        tl.store(O + offs_m[:, None] * stride_ol + offs_d[None, :], out, mask=offs_m[:, None] < seq_len)
+    out = acc * (v_scale / l_i)[:, None]  # l_i sums 448 P, as acc does
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < seq_len)
 
 
 # Candidates for the autotuner (best kept per sequence length and head width, timed at the first call).
-# 128 x 128 tiles with 3 stages need ~112 KB of shared memory: Hopper and datacenter Ada have it,
-# RTX 40xx (99 KB per block) do not, and the autotuner skips what does not fit.
+# On an H100 at 8704 tokens 64 x 128 tiles, 4 warps, 3 stages are fastest (1.248 ms; the others 1.37-2.7 ms,
+# benchmarks/results/attention_speed_fewer_ops_experiment_h100.json). 3 stages of 64 x 128 need ~104 KB of
+# shared memory, 128 x 128 ~112 KB: Hopper and datacenter Ada have it, RTX 40xx (99 KB per block) do not,
+# and the autotuner skips what does not fit there.
 CONFIGS = [
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128), num_warps=8, num_stages=4),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=4, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=4, num_stages=4),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_M=64, BLOCK_N=128), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=64, BLOCK_N=128), num_warps=4, num_stages=2),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=128), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
+    triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
 ]
-tuned_fp8_attention_kernel = triton.autotune(configs=CONFIGS, key=["seq_len", "HEAD_DIM", "TMA", "WARP_SPECIALIZE", "FEWER_OPS"])(
-    fp8_attention_kernel)
+tuned_fp8_attention_kernel = triton.autotune(configs=CONFIGS, key=["seq_len", "HEAD_DIM"])(fp8_attention_kernel)
 
 
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales: torch.Tensor,
                   out_dtype: torch.dtype, config: dict | None = None, quantize_p: bool = True,
-                  promote_pv: bool = True, tma: bool | None = None, warp_specialize: bool = False,
-                  fewer_ops: bool = True) -> torch.Tensor:
+                  promote_pv: bool = True) -> torch.Tensor:
     """q8, k8 [B, H, L, D] and vt8 [B, H, D, L], float8_e4m3fn; scales float32 [3] (Q, K, V) on their device
     -> O [B, L, H, D] in out_dtype.
 
@@ -187,12 +148,7 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales:
             k8.stride(0), k8.stride(1), k8.stride(2),
             vt8.stride(0), vt8.stride(1), vt8.stride(2),
             out.stride(0), out.stride(2), out.stride(1))
-    if tma is None:
-        tma = tma_available(q8.device, (q8, k8, vt8, out))
-    if tma:
-        _ensure_allocator()
-    flags = dict(HEAD_DIM=head_dim, QUANTIZE_P=quantize_p, PROMOTE_PV=promote_pv, TMA=tma,
-                 WARP_SPECIALIZE=warp_specialize, FEWER_OPS=fewer_ops and promote_pv)
+    flags = dict(HEAD_DIM=head_dim, QUANTIZE_P=quantize_p, PROMOTE_PV=promote_pv)
     if config is None:
         grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
         tuned_fp8_attention_kernel[grid](*args, **flags)
@@ -201,25 +157,3 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales:
         grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
         fp8_attention_kernel[grid](*args, **flags, **cfg)
     return out
-
-
-def tma_available(device: torch.device, tensors) -> bool:
-    """The tensor-memory accelerator (compute capability >= 9.0) takes tiles whose row strides and bases are
-    16-byte aligned; under Triton's CPU interpreter the descriptors are emulated."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
-        return False
-    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
-               for t in tensors)
-
-
-def _ensure_allocator() -> None:
-    """Descriptors made in the kernel need a little global memory per launch, which Triton asks a
-    process-wide allocator for; set one (PyTorch's caching allocator) only if nobody has."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=_device()))
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -41,37 +41,24 @@ def triton_interpreter():
     return module
 
 
-# 50: one ragged block; 128: exactly two full blocks; 200: full blocks + a ragged one. tma: tiles read by
-# tensor descriptors (Hopper and later; rows past the end read as zeros) or by masked pointer loads.
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("fewer_ops", [False, True])
+# 50: one ragged block; 128: exactly two full blocks; 200: full blocks + a ragged one.
 @pytest.mark.parametrize("seq_len", [50, 128, 200])
-def test_kernel_is_exact_attention_apart_from_quantizing_p(triton_interpreter, seq_len, tma, fewer_ops):
+def test_kernel_is_exact_attention_apart_from_quantizing_p(triton_interpreter, seq_len):
     q8, k8, v8, scales = fp8_inputs(2, 3, seq_len, 32, seed=seq_len)
     vt8 = quantize_transposed_for_kernel(v8.float() * scales[2], scales[2])
     out = triton_interpreter.fp8_attention(q8, k8, vt8, scales, torch.float32,
-                                           config=dict(BLOCK_M=64, BLOCK_N=64), quantize_p=False, tma=tma, fewer_ops=fewer_ops)
+                                           config=dict(BLOCK_M=64, BLOCK_N=64), quantize_p=False)
     assert out.shape == (2, seq_len, 3, 32)
     assert rel(out, exact_attention(q8, k8, v8, scales)) < 1e-5  # FP32 online softmax: rounding only
 
 
-@pytest.mark.parametrize("tma", [False, True])
-@pytest.mark.parametrize("fewer_ops", [False, True])
-def test_kernel_takes_strided_q_and_k(triton_interpreter, tma, fewer_ops):
+def test_kernel_takes_strided_q_and_k(triton_interpreter):
     q8, k8, v8, scales = fp8_inputs(1, 2, 96, 32, seed=1)
     # Q and K as views into [B, L, H, D] storage, as a fused producer may leave them.
     q_view = q8.transpose(1, 2).contiguous().transpose(1, 2)
     out = triton_interpreter.fp8_attention(q_view, k8, v8.transpose(-1, -2).contiguous(), scales, torch.float32,
-                                           config=dict(BLOCK_M=64, BLOCK_N=64), quantize_p=False, tma=tma, fewer_ops=fewer_ops)
+                                           config=dict(BLOCK_M=64, BLOCK_N=64), quantize_p=False)
     assert rel(out, exact_attention(q8, k8, v8, scales)) < 1e-5
-
-
-def test_tensor_descriptors_only_for_16_byte_aligned_rows(triton_interpreter):
-    q8, k8, v8, scales = fp8_inputs(1, 2, 96, 32, seed=1)
-    assert triton_interpreter.tma_available(q8.device, (q8, k8))
-    # 40-token rows of V^T in FP8 are 40 bytes apart: no descriptor can take them.
-    vt_unaligned = v8[:, :, :40].transpose(-1, -2).contiguous()
-    assert not triton_interpreter.tma_available(q8.device, (q8, vt_unaligned))
 
 
 def test_kernel_refuses_wrong_inputs_by_name(triton_interpreter):
