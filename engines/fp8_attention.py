@@ -10,31 +10,17 @@ produces them, once a block is compiled: Inductor fuses the quantization into RM
 """
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fp8 import FP8, FP8_MAX, fp8_tensor_cores, quantize_fp8
+from .fp8 import FP8, FP8_MAX, quantize_fp8
+from .kernel_ops import custom_op, triton_fp8_kernels_available
 
 # Heads per chunk of the written-out attention: at 8704 tokens one head's FP32 scores are 300 MB.
 HEADS_PER_CHUNK = 4
-
-
-@functools.cache
-def fused_kernel_available(device: torch.device) -> bool:
-    if not fp8_tensor_cores(device):
-        return False
-    try:
-        from . import fp8_attention_triton  # noqa: F401
-    except ImportError as e:
-        logging.warning("Kontext TRT: Triton is not importable (%s): FP8 attention runs unfused in PyTorch, "
-                        "with the same numbers and much slower", e)
-        return False
-    return True
 
 
 def _fused(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -48,18 +34,7 @@ def _fused_shape(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, out_dtype:
     return q8.new_empty((batch, seq_len, heads, head_dim), dtype=out_dtype)
 
 
-def _register_op():
-    """kontext_trt::fp8_attention, once per process (the pack can be imported under two package names)."""
-    try:
-        return torch.ops.kontext_trt.fp8_attention
-    except AttributeError:
-        pass
-    op = torch.library.custom_op("kontext_trt::fp8_attention", mutates_args=())(_fused)
-    op.register_fake(_fused_shape)
-    return torch.ops.kontext_trt.fp8_attention
-
-
-fused_fp8_attention = _register_op()
+fused_fp8_attention = custom_op("fp8_attention", _fused, _fused_shape)
 
 
 def quantize_transposed_for_kernel(v: Tensor, v_scale: Tensor) -> Tensor:
@@ -108,7 +83,7 @@ class FP8Attention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q_scale, k_scale, v_scale = self.scales.unbind()
         q8, k8 = quantize_fp8(q, q_scale), quantize_fp8(k, k_scale)
-        if fused_kernel_available(q.device):
+        if triton_fp8_kernels_available(q.device):
             out = fused_fp8_attention(q8, k8, quantize_transposed_for_kernel(v, v_scale), self.scales, q.dtype)
         else:
             out = fp8_attention_reference(q8, k8, quantize_fp8(v, v_scale), self.scales, q.dtype)

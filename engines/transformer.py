@@ -151,7 +151,11 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, self.multiplier * dim, bias=True, dtype=dtype, device=device)
 
     def forward(self, vec: Tensor) -> tuple[Tensor, ...]:
-        return self.lin(F.silu(vec))[:, None, :].chunk(self.multiplier, dim=-1)
+        return self.split(self.lin(F.silu(vec)))
+
+    def split(self, out: Tensor) -> tuple[Tensor, ...]:
+        """lin's output [B, multiplier * dim], computed here or elsewhere -> the [B, 1, dim] tensors."""
+        return out[:, None, :].chunk(self.multiplier, dim=-1)
 
 
 def layer_norm(x: Tensor, dim: int) -> Tensor:
@@ -183,9 +187,13 @@ class DoubleStreamBlock(nn.Module):
                                      nn.Linear(mlp_hidden, hidden, **kw))
         self.attention = Attention()
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec)
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor,
+                mod: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """mod: img_mod's and txt_mod's linear outputs when computed outside (see KontextTransformer)."""
+        img_mod = self.img_mod(vec) if mod is None else self.img_mod.split(mod[0])
+        txt_mod = self.txt_mod(vec) if mod is None else self.txt_mod.split(mod[1])
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
 
         img_q, img_k, img_v = self.img_attn.split_heads(modulate(layer_norm(img, self.hidden_size), img_shift1, img_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(layer_norm(txt, self.hidden_size), txt_shift1, txt_scale1))
@@ -220,8 +228,9 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden, double=False, **kw)
         self.attention = Attention()
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        shift, scale, gate = self.modulation(vec)
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor, mod: Tensor | None = None) -> Tensor:
+        """mod: the modulation's linear output when computed outside (see KontextTransformer)."""
+        shift, scale, gate = self.modulation(vec) if mod is None else self.modulation.split(mod)
         qkv, mlp = torch.split(self.linear1(modulate(layer_norm(x, self.hidden_size), shift, scale)),
                                [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -260,6 +269,10 @@ class KontextTransformer(nn.Module):
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(config, **kw) for _ in range(config.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(config, **kw) for _ in range(config.depth_single_blocks))
         self.final_layer = LastLayer(hidden, config.out_channels, **kw)
+        # Every block's modulation depends on vec alone. A module set here computes all of their linear
+        # outputs at once, vec [B, dim] -> one [B, n] per Modulation in block order (double blocks' img_mod,
+        # txt_mod, then single blocks'): the PyTorch backend's one pass over the FP8 modulation weights.
+        self.fused_modulation: nn.Module | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -278,12 +291,13 @@ class KontextTransformer(nn.Module):
         txt = self.txt_in(txt.to(dtype))
 
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
+        mods = self.fused_modulation(vec) if self.fused_modulation is not None else None
+        for i, block in enumerate(self.double_blocks):
+            img, txt = block(img, txt, vec, pe, None if mods is None else mods[2 * i: 2 * i + 2])
 
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec, pe)
+        for i, block in enumerate(self.single_blocks):
+            x = block(x, vec, pe, None if mods is None else mods[2 * len(self.double_blocks) + i])
         return self.final_layer(x[:, txt.shape[1]:], vec)
 
 

@@ -32,7 +32,7 @@ def test_backend_matches_the_calibrated_model(calibrated):
     fake_quant, sd, state, held = calibrated
     backend = load_fp8_transformer(sd.__getitem__, state, dtype=torch.float32)
     assert isinstance(backend.single_blocks[0].linear2, FP8Linear)
-    assert backend.double_blocks[0].img_mod.lin.input_scale is None  # weight-only, per the recipe
+    assert backend.fused_modulation is not None  # the modulation is weight-only per the recipe, hence fused
     assert isinstance(backend.img_in, torch.nn.Linear) and backend.img_in.weight.dtype == torch.float32  # 16-bit layer
     sigmas = (0.9, 0.5, 0.1)
     want, got = step_outputs(fake_quant, held, sigmas), step_outputs(backend, held, sigmas)
@@ -133,3 +133,37 @@ def test_weight_only_gemv_is_the_dequantized_linear():
     want = torch.nn.functional.linear(x, w8.float() * scale, bias)
     got = fp8_weight_gemv(x, w8, scale, bias)
     assert got.shape == (2, 96) and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_modulation_weights_are_fused_into_one_pass_with_the_same_numbers(calibrated):
+    from engines.runtime_torch import FusedModulation, modulation_linears
+
+    _, sd, state, held = calibrated
+    fused = load_fp8_transformer(sd.__getitem__, state, dtype=torch.float32)
+    separate = load_fp8_transformer(sd.__getitem__, state, dtype=torch.float32, fuse_modulation=False)
+    assert isinstance(fused.fused_modulation, FusedModulation) and separate.fused_modulation is None
+    # The fused weight is the only FP8 copy of the modulation weights: the model is no bigger.
+    assert fused.fused_modulation.weight.numel() == sum(separate.get_submodule(n).weight.numel()
+                                                        for n in modulation_linears(separate))
+    fp8_bytes = lambda m: sum(b.numel() for b in m.buffers() if b.dtype == torch.float8_e4m3fn)  # noqa: E731
+    assert fp8_bytes(fused) == fp8_bytes(separate)
+    sigmas = (0.9, 0.5)
+    want, got = step_outputs(separate, held, sigmas), step_outputs(fused, held, sigmas)
+    for key in want:
+        assert torch.equal(want[key], got[key]), key  # eager: the same per-layer dequantized GEMMs
+
+    # Compiled, all rows come out of one multiply-and-sum over the fused weight, each row with its layer's scale.
+    vec = torch.randn(2, fused.config.hidden_size)
+    eager_outputs = fused.fused_modulation(vec)
+    compiled_outputs = torch.compile(fused.fused_modulation, backend="eager", fullgraph=True)(vec)
+    assert len(compiled_outputs) == len(modulation_linears(fused))
+    for e, c in zip(eager_outputs, compiled_outputs):
+        assert torch.allclose(e, c, rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_with_fused_modulation_says_so_when_called_alone(calibrated):
+    _, sd, state, held = calibrated
+    backend = load_fp8_transformer(sd.__getitem__, state, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="computed by the model's fused_modulation"):
+        backend.single_blocks[0].modulation(torch.zeros(1, backend.config.hidden_size))

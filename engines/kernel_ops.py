@@ -1,0 +1,37 @@
+"""The pack's Triton kernels as PyTorch custom ops (`torch.ops.kontext_trt.*`), so torch.compile calls them
+as opaque ops, and the check of whether this device can run them."""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+
+from .fp8 import fp8_tensor_cores
+
+
+@functools.cache
+def triton_fp8_kernels_available(device: torch.device) -> bool:
+    """FP8 tensor cores (compute capability >= 8.9) and an importable Triton."""
+    if not fp8_tensor_cores(device):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        logging.warning("Kontext TRT: Triton is not importable (%s): FP8 attention and the modulation GEMV run "
+                        "unfused in PyTorch, with the same numbers and much slower", e)
+        return False
+    return True
+
+
+def custom_op(name: str, fn: Callable, fake: Callable):
+    """torch.ops.kontext_trt.<name> running fn (fake: its output's shape and dtype), registered once per
+    process: the pack can be imported under two package names."""
+    try:
+        return getattr(torch.ops.kontext_trt, name)
+    except AttributeError:
+        pass
+    op = torch.library.custom_op(f"kontext_trt::{name}", mutates_args=())(fn)
+    op.register_fake(fake)
+    return getattr(torch.ops.kontext_trt, name)
