@@ -234,7 +234,7 @@ def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: boo
         kwargs = {"options": {"coordinate_descent_tuning": True, "triton.cudagraphs": mode == "reduce-overhead"}}
     for block in list(model.double_blocks) + list(model.single_blocks):
         block.compile(**kwargs)
-    if model.fused_modulation is not None:
+    if getattr(model, "fused_modulation", None) is not None:  # (ComfyUI's Flux, compiled by the benchmarks, has none)
         model.fused_modulation.compile(**kwargs)
     return model
 
