@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_helpers import interpreted_kernel_module, needs_fp8_gpu
+
 from engines.fp8 import FP8_MAX, quantize_fp8
 from engines.fp8_attention import FP8Attention, fp8_attention_reference, quantize_transposed_for_kernel
 
@@ -32,13 +34,7 @@ def rel(a, b):
 
 @pytest.fixture
 def triton_interpreter():
-    """The kernel module, run by Triton's CPU interpreter (conftest turns it on where there is no GPU)."""
-    pytest.importorskip("triton", reason="Triton not installed (requirements-dev.txt pins it for this test)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs the kernel under Triton's CPU interpreter, which conftest turns on only without a GPU")
-    import engines.fp8_attention_triton as module
-
-    return module
+    return interpreted_kernel_module("engines.fp8_attention_triton")
 
 
 # 50: one ragged block; 128: exactly two full blocks; 200: full blocks + a ragged one.
@@ -99,8 +95,7 @@ def test_module_matches_the_recipe_and_keeps_the_attention_contract():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs an NVIDIA GPU with FP8 tensor cores (compute capability >= 8.9)")
+@needs_fp8_gpu
 @pytest.mark.parametrize("seq_len", [1000, 2560])
 def test_fused_kernel_on_the_gpu_computes_the_recipe(seq_len):
     assert os.environ.get("TRITON_INTERPRET", "0") == "0"
@@ -118,8 +113,7 @@ def test_fused_kernel_on_the_gpu_computes_the_recipe(seq_len):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs an NVIDIA GPU with FP8 tensor cores (compute capability >= 8.9)")
+@needs_fp8_gpu
 def test_fused_kernel_sums_long_flat_attention_in_full_precision():
     """Uniform attention over 8704 keys: P = 1 everywhere, O = the mean of V. Hopper's FP8 MMA accumulates in
     reduced precision; summed over all keys in it, late blocks would be rounded away."""

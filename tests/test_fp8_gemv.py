@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_helpers import interpreted_kernel_module, needs_fp8_gpu
+
 from engines.fp8 import FP8_MAX, quantize_fp8
 
 
@@ -24,12 +26,7 @@ def gemv_inputs(rows, n, k, dtype, device="cpu", seed=0):
 
 @pytest.fixture
 def gemv_module():
-    pytest.importorskip("triton", reason="Triton not installed (requirements-dev.txt pins it for this test)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs the kernel under Triton's CPU interpreter, which conftest turns on only without a GPU")
-    import engines.fp8_gemv_triton as module
-
-    return module
+    return interpreted_kernel_module("engines.fp8_gemv_triton")
 
 
 # n and k not multiples of the tiles: masked rows and a ragged last K block. float32 activations: Triton 3.8's
@@ -53,8 +50,7 @@ def test_gemv_refuses_wrong_inputs_by_name(gemv_module):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs an NVIDIA GPU with FP8 tensor cores (compute capability >= 8.9)")
+@needs_fp8_gpu
 @pytest.mark.parametrize("rows", [1, 2])
 def test_gemv_on_the_gpu_is_the_dequantized_linear(rows):
     assert os.environ.get("TRITON_INTERPRET", "0") == "0"
@@ -67,8 +63,7 @@ def test_gemv_on_the_gpu_is_the_dequantized_linear(rows):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs an NVIDIA GPU with FP8 tensor cores (compute capability >= 8.9)")
+@needs_fp8_gpu
 def test_gemv_reads_weights_past_2_gib_on_the_gpu():
     """Kontext's fused modulation weight is 1.05 M rows x 3072 = 3.2 GB: byte offsets past int32."""
     from engines.fp8_gemv_triton import fp8_gemv
