@@ -10,6 +10,7 @@ have FP8 tensor cores (compute capability >= 8.9); elsewhere it computes in 16-b
 weights, quantizing activations the same way, so the numbers are the calibrated model's everywhere.
 When the state was calibrated with attention quantization (the recipe's default), attention runs
 in FP8 too (`fp8_attention.py`: a fused Triton kernel on those GPUs, the recipe in PyTorch elsewhere).
+The weight-only modulation Linears of all blocks become one FusedModulation (one GEMV kernel a step).
 `compile_blocks` makes it fast: each block compiled, the quantization of activations fused into the
 ops that produce them.
 """
