@@ -57,12 +57,10 @@ class FP8Linear(nn.Module):
                                    scale_a=self.input_scale, scale_b=self.weight_scale, bias=self.bias,
                                    out_dtype=x.dtype)
             return out.reshape(*shape[:-1], out.shape[-1])
-        if self.input_scale is None and torch.compiler.is_compiling() and x.numel() <= GEMV_ROWS * x.shape[-1]:
-            return fp8_weight_gemv(x, self.weight, self.weight_scale, self.bias)
-        if self.input_scale is not None:
-            x = (quantize_fp8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
-        weight = (self.weight.float() * self.weight_scale).to(x.dtype)
-        return F.linear(x, weight, self.bias)
+        if self.input_scale is None:
+            return weight_only_fp8_linear(x, self.weight, self.weight_scale, self.bias)
+        x = (quantize_fp8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
+        return F.linear(x, (self.weight.float() * self.weight_scale).to(x.dtype), self.bias)
 
 
 # Weight-only layers run on one row per sample (the modulation: 3.2 B of the 11.9 B weights). Dequantizing
@@ -70,6 +68,14 @@ class FP8Linear(nn.Module):
 # the GEMV then read 16-bit weights again; written as multiply-and-sum, Inductor makes one reduction kernel
 # that reads each FP8 weight once. Eager, the [rows, N, K] product would be materialized: compiled only.
 GEMV_ROWS = 8
+
+
+def weight_only_fp8_linear(x: Tensor, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """x (16-bit) @ (weight_fp8 * weight_scale)^T + bias, without a Triton kernel: the multiply-and-sum below
+    when compiled and x has few rows, else F.linear of the weights dequantized to x's dtype."""
+    if torch.compiler.is_compiling() and x.numel() <= GEMV_ROWS * x.shape[-1]:
+        return fp8_weight_gemv(x, weight_fp8, weight_scale, bias)
+    return F.linear(x, (weight_fp8.float() * weight_scale).to(x.dtype), bias)
 
 
 def fp8_weight_gemv(x: Tensor, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -115,10 +121,8 @@ class FusedModulation(nn.Module):
         x = F.silu(vec)
         if x.shape[0] <= GEMV_ROWS and triton_fp8_kernels_available(x.device):
             return list(fused_fp8_gemv(x, self.weight, self.row_scales, self.bias).split(self.sizes, dim=-1))
-        layers = zip(self.weight.split(self.sizes), self.scales, self.bias.split(self.sizes))
-        if torch.compiler.is_compiling() and x.shape[0] <= GEMV_ROWS:
-            return [fp8_weight_gemv(x, w, scale, b) for w, scale, b in layers]
-        return [F.linear(x, (w.float() * scale).to(x.dtype), b) for w, scale, b in layers]
+        return [weight_only_fp8_linear(x, w, scale, b)
+                for w, scale, b in zip(self.weight.split(self.sizes), self.scales, self.bias.split(self.sizes))]
 
 
 class ComputedByFusedModulation(nn.Module):
@@ -164,7 +168,7 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
     fused = modulation_linears(model)
     fuse_modulation = fuse_modulation and all(
         not any(fnmatch.fnmatchcase(name, p) for p in keep) and f"{name}.input_quantizer._amax" not in amax
-        and model.get_submodule(name).bias is not None for name in fused)
+        for name in fused)
     if fuse_modulation:  # each layer's FP8 weight is written straight into its rows: never two copies
         rows = [model.get_submodule(name).out_features for name in fused]
         fused_weight = torch.empty(sum(rows), config.hidden_size, dtype=FP8, device=device)
