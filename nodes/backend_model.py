@@ -70,8 +70,11 @@ class BackendModelPatcher(comfy.model_patcher.ModelPatcher):
 
     def detach(self, unpatch_all=True):
         model = super().detach(unpatch_all)
+        # unpatch_all=False is a clone of this model let go (ComfyUI swaps in the sampler's clone each sample,
+        # and a collected clone detaches itself) while the model stays loaded: releasing there would throw
+        # away a TensorRT context or the step's CUDA graphs every sample.
         release = getattr(self.model.diffusion_model.backend, "release", None)
-        if release is not None:
+        if unpatch_all and release is not None:
             release()
         return model
 
