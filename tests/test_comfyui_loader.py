@@ -148,6 +148,23 @@ def test_model_management_loads_whole_and_unload_releases_the_backend(setup, mon
     assert released == [True] and model.loaded_size() == 0
 
 
+def test_a_clone_let_go_while_the_model_stays_loaded_keeps_the_backend(setup, monkeypatch):
+    """Each sample ComfyUI loads the sampler's clone and detaches the previous one (unpatch_all=False), and a
+    collected clone detaches itself the same way: the backend (a TensorRT context, the step's CUDA graphs)
+    must survive that, or every sample would rebuild it."""
+    import comfy.model_management
+
+    _, loaded, _, _ = setup
+    released = []
+    monkeypatch.setattr(loaded.model.diffusion_model.backend, "release", lambda: released.append(True), raising=False)
+    for _ in range(2):
+        comfy.model_management.load_models_gpu([loaded.clone()])
+    loaded.clone().detach(unpatch_all=False)
+    assert released == []
+    comfy.model_management.unload_all_models()  # a real unload still releases it
+    assert released
+
+
 def test_bf16_backend_sees_what_comfyuis_bf16_flux_sees(setup):
     """In BF16 ComfyUI's Flux embeds guidance as 1000 * guidance rounded to BF16 (2496 for 2.5); a backend
     embedding 2500 drifts far from the original over sampling. Same weights, no quantization: only the
