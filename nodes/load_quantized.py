@@ -8,6 +8,7 @@ import comfy.model_management
 import folder_paths
 
 from ..engines.config import KontextConfig
+from ..engines.cuda_graph_step import CUDAGraphedTransformer
 from ..engines.runtime_tensorrt import TensorRTBackend, choose_backend, engine_device_bytes
 from ..engines.runtime_torch import compile_blocks, load_fp8_transformer, transformer_bytes
 from ..engines.state_dict import checkpoint_prefix
@@ -41,12 +42,17 @@ class KontextLoadQuantized(io.ComfyNode):
                                  tooltip="PyTorch backend on an NVIDIA GPU: torch.compile each transformer block (fuses "
                                          "the norms, RoPE, modulation and FP8 quantization; about 2x faster steps). The "
                                          "first step at a new resolution or batch size takes tens of seconds longer."),
+                io.Boolean.Input("cuda_graph", default=True, optional=True,
+                                 tooltip="PyTorch backend on an NVIDIA GPU: replay each step as one CUDA graph, captured "
+                                         "at the first step of each resolution and batch size (two kept), so no "
+                                         "Python runs between its kernels. On an H100: 1.33x faster steps at 512x512, "
+                                         "no change at 1024x1024 with a reference."),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, engine, backend, checkpoint, compile=True) -> io.NodeOutput:
+    def execute(cls, engine, backend, checkpoint, compile=True, cuda_graph=True) -> io.NodeOutput:
         path = Path(folder_paths.get_full_path_or_raise(FOLDER, engine))
         meta = engine_store().read_metadata(path)
         try:
@@ -77,4 +83,9 @@ class KontextLoadQuantized(io.ComfyNode):
             compile_blocks(runner)
         elif compile:
             logging.warning("Kontext TRT: compile is on, but %s is not a CUDA device: the blocks run uncompiled", device)
+        if cuda_graph and device.type == "cuda":
+            runner = CUDAGraphedTransformer(runner)
+        elif cuda_graph:
+            logging.warning("Kontext TRT: cuda_graph is on, but %s is not a CUDA device: steps run without CUDA graphs",
+                            device)
         return io.NodeOutput(backend_model(runner, config, transformer_bytes(runner), dtype, device, offload))

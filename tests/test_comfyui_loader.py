@@ -127,6 +127,7 @@ def test_backend_choice_on_this_machine(setup, caplog):
     assert "runs on the pytorch backend: the TensorRT engine cannot run here" in caplog.text
     # compile is CUDA-only: asked for on this CPU, the node says it is not done (and does not do it).
     assert "compile is on, but cpu is not a CUDA device: the blocks run uncompiled" in caplog.text
+    assert "cuda_graph is on, but cpu is not a CUDA device: steps run without CUDA graphs" in caplog.text
     block = uncompiled.model.diffusion_model.backend.single_blocks[0]
     assert getattr(block, "_compiled_call_impl", None) is None
     errors = sys.modules[node.__module__].choose_backend.__globals__["EngineMismatch"]
