@@ -5,8 +5,9 @@
 The loader's path end to end, with random weights: ModelOpt calibrates the fp8 recipe (the Build
 node's stage; attention quantized, its default, unless --no-attention), the calibrated state is saved
 and read back, load_fp8_transformer builds the FP8 transformer one tensor at a time (FP8 attention by
-the fused kernel), its blocks are compiled as the loader's `compile` input does (unless --no-compile;
-a warm-up sample per batch size first, timed as the first sample), backend_model wraps it as ComfyUI's
+the fused kernel), its blocks are compiled as the loader's `compile` input does (unless --no-compile),
+each step is replayed as one CUDA graph as its `cuda_graph` input does (unless --no-cuda-graph; a
+warm-up sample per batch size first, timed as the first sample), backend_model wraps it as ComfyUI's
 Flux MODEL, and
 comfy.sample.sample runs a 1024^2 edit with a 1024^2 reference latent at CFG 1 and at CFG 2.5
 (cond and uncond batched). Reports the FP8 weights' size, peak GPU memory while sampling, what an
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
                    help="ModelOpt's eager FP8 fake-quant for calibration (same math, no ~1 min CUDA extension build)")
     p.add_argument("--no-attention", action="store_true", help="calibrate without attention quantization")
     p.add_argument("--no-compile", action="store_true", help="run the backend's blocks uncompiled")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run each step without the loader's CUDA graph")
     p.add_argument("--out", default="output/comfyui_fp8_sampling.json")
     args = p.parse_args(argv)
     if not args.comfyui:
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     gc.collect()
     torch.cuda.empty_cache()
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, steps=args.steps,
-                  fp8_attention=not args.no_attention, compiled=not args.no_compile,
+                  fp8_attention=not args.no_attention, compiled=not args.no_compile, cuda_graph=not args.no_cuda_graph,
                   resolution="1024x1024 edit + 1024x1024 reference latent, 512 text tokens (8704 tokens)")
 
     # The loader's PyTorch backend: weights read one at a time from the (here in-memory) checkpoint.
@@ -117,17 +119,22 @@ def main(argv=None) -> int:
     runner = load_fp8_transformer(lambda key: sd[key], state, device=device, dtype=torch.bfloat16)
     result["fp8_weights_gib"] = round(transformer_bytes(runner) / GIB, 2)
     result["load_peak_gib"] = round((torch.cuda.max_memory_allocated() - base_allocated) / GIB, 2)
-    quantized = backend_model_module.backend_model(runner, cfg, transformer_bytes(runner), torch.bfloat16, device,
-                                                   torch.device("cpu"))
     if not args.no_compile:
         from engines.runtime_torch import compile_blocks
 
         compile_blocks(runner)
-        for cfg_scale in (1.0, 2.5):  # batch 1 and batch 2 (cond + uncond): one compilation each
+    if not args.no_cuda_graph:
+        from engines.cuda_graph_step import CUDAGraphedTransformer
+
+        runner = CUDAGraphedTransformer(runner)
+    quantized = backend_model_module.backend_model(runner, cfg, transformer_bytes(runner), torch.bfloat16, device,
+                                                   torch.device("cpu"))
+    if not (args.no_compile and args.no_cuda_graph):
+        for cfg_scale in (1.0, 2.5):  # batch 1 and batch 2 (cond + uncond): one compilation and capture each
             t = time.perf_counter()
             sample(quantized, cfg, cfg_scale, 1)
             result[f"fp8_first_sample_cfg{cfg_scale}_s"] = round(time.perf_counter() - t, 1)
-            print(f"fp8 first sample (compiles), cfg {cfg_scale}: {time.perf_counter() - t:.1f} s", flush=True)
+            print(f"fp8 first sample (compiles, captures), cfg {cfg_scale}: {time.perf_counter() - t:.1f} s", flush=True)
     runs = ((1.0, args.steps), (2.5, args.steps), (1.0, 1))  # the last: one model call's error, no compounding
     outputs = {}
     for cfg_scale, steps in runs:

@@ -8,10 +8,10 @@ reference image (1024r: 4096 + 4096 image tokens + 512 text tokens = 8704), at s
 pair of the default calibration set. Random weights unless --checkpoint is given (the speed does not
 depend on them). Reports per variant, shape and batch:
 median ms per step over --iters calls after warm-up (CUDA events), the ratio to ComfyUI BF16 eager,
-peak GPU memory, the output's cosine to ComfyUI BF16 eager, and the time to the first step (the first
-call, including compilation and the attention kernel's autotuning, with Inductor's graph cache off and
-an empty Triton cache unless --warm-caches). No test asserts any of this; the
-README quotes the JSON.
+peak GPU memory (allocated, and reserved: a CUDA graph's pool is reserved, not allocated), the output's
+cosine to ComfyUI BF16 eager, and the time to the first step (the first call, including compilation, the
+attention kernel's autotuning and a CUDA graph's capture, with Inductor's graph cache off and an empty
+Triton cache unless --warm-caches). No test asserts any of this; the README quotes the JSON.
 
 Variants:
   comfy_bf16            ComfyUI's Flux (comfy.ldm.flux.model.Flux), BF16, eager: what KSampler runs
@@ -26,6 +26,8 @@ Variants:
   pack_fp8_attn_compile the same, blocks compiled: the pack's fast path
   pack_fp8_attn_compile_tuned  the same with Inductor's coordinate-descent tuning of its kernels
   pack_fp8_attn_cudagraphs  the same with mode="reduce-overhead": each block replayed as a CUDA graph
+  pack_fp8_attn_compile_graphed  pack_fp8_attn_compile with the whole step replayed as one CUDA graph
+                        (engines/cuda_graph_step.py, the loader's cuda_graph input)
 """
 from __future__ import annotations
 
@@ -48,8 +50,10 @@ from engines.quantize import output_error, use_eager_fp8_fake_quant  # noqa: E40
 from engines.tokens import edit_ids  # noqa: E402
 
 GIB = 2**30
+CONTRACT_ORDER = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance")
 VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "pack_fp8", "pack_fp8_compile",
-            "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs")
+            "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs",
+            "pack_fp8_attn_compile_graphed")
 
 
 def parse_shape(shape: str) -> tuple[int, bool]:
@@ -132,12 +136,21 @@ def make_variant(name: str, sd: dict, cfg, device):
     else:
         model = fp8_model(gpu_sd, device, attention=name.startswith("pack_fp8_attn"))
         del gpu_sd
-        if name.endswith("_compile"):
+        if name.endswith(("_compile", "_compile_graphed")):
             compile_blocks(model)
         elif name.endswith("_compile_tuned"):
             compile_blocks(model, tune=True)
         elif name.endswith("_cudagraphs"):
             compile_blocks(model, mode="reduce-overhead")
+    if name.endswith("_graphed"):
+        from engines.cuda_graph_step import CUDAGraphedTransformer
+
+        graphed = CUDAGraphedTransformer(model)
+
+        def step(x):
+            return graphed(*(x[k] for k in CONTRACT_ORDER))
+        step.release = graphed.release  # each shape's memory measured without the last shape's graph
+        return step
     if name.endswith("_cudagraphs"):
         def step(x):
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the previous step's graph outputs may be reused
@@ -230,6 +243,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         for key, x in inputs.items():
             size, with_ref, batch = key
+            getattr(fn, "release", lambda: None)()
+            torch.cuda.empty_cache()  # so the reserved peak is this shape's, not blocks cached before
             torch.cuda.reset_peak_memory_stats()  # the step's peak: weights + activations, not the set-up
             ms, first_s, out = time_steps(fn, x, args.warmup, args.iters)
             out = out.float().cpu()
@@ -241,6 +256,8 @@ def main(argv=None) -> int:
             row = dict(variant=name, size=size, reference=with_ref, tokens=x["img"].shape[1] + x["txt"].shape[1],
                        batch=batch, ms_per_step=round(ms, 1), speedup_vs_comfy_bf16=round(base / ms, 2) if base else None,
                        peak_gib=round(torch.cuda.max_memory_allocated() / GIB, 2),
+                       # what the process holds: a CUDA graph's private pool counts here, not above
+                       peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2),
                        cosine_to_comfy_bf16=None if cos is None else round(cos, 5),
                        setup_s=round(setup_s, 1), first_step_s=round(first_s, 2))
             rows.append(row)
