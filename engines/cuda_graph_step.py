@@ -7,6 +7,11 @@ several ms a step, and below ~2500 tokens the step is bound by it. torch.compile
 graph's static inputs. Capturing the whole forward once per input shape leaves one replay per step and
 copies only the step's inputs.
 
+Only small steps are replayed (max_tokens, batch x tokens): on an H100 the graph took a compiled step at
+512^2 from 50.7 to 33.4 ms and at 512^2 + reference from 55.4 to 52.7 ms, but from 4608 tokens on, where
+the GPU never waits on Python, replays measured 0-3% slower than launching the kernels
+(benchmarks/results/step_speed_sweep_h100.json), so larger steps run the model directly.
+
 A graph holds the addresses of the weights it read: when the model's tensors move (ComfyUI offloads and
 reloads models), its graphs are captured again.
 """
@@ -27,18 +32,25 @@ class _Captured:
     weights: tuple[int, ...]
 
 
+# Batch x tokens up to which a step is replayed: 2560 (512^2 + reference) gained, 4608 (1024^2) lost.
+MAX_GRAPHED_TOKENS = 4096
+
+
 class CUDAGraphedTransformer(nn.Module):
     """model(*inputs) (the engine contract's seven tensors in, tokens out) replayed from a CUDA graph captured
-    for each input shape; at most max_graphs kept, the least recently used dropped first. The first call at a
-    shape runs the model warmup_calls times (compiling it, if compiled) and captures it."""
+    for each input shape of at most max_tokens (batch x image and text tokens); larger steps run the model
+    as it is. At most max_graphs kept, the least recently used dropped first. The first call at a shape runs
+    the model warmup_calls times (compiling it, if compiled) and captures it."""
 
-    def __init__(self, model: nn.Module, warmup_calls: int = 2, max_graphs: int = 2):
+    def __init__(self, model: nn.Module, warmup_calls: int = 2, max_graphs: int = 2,
+                 max_tokens: int = MAX_GRAPHED_TOKENS):
         super().__init__()
         if warmup_calls < 1 or max_graphs < 1:
             raise ValueError(f"warmup_calls and max_graphs must be >= 1; got {warmup_calls} and {max_graphs}")
         self.model = model
         self.warmup_calls = warmup_calls
         self.max_graphs = max_graphs
+        self.max_tokens = max_tokens
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
 
     @property
@@ -55,6 +67,9 @@ class CUDAGraphedTransformer(nn.Module):
         devices = {t.device for t in inputs}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
             raise ValueError(f"CUDA graph replay needs every input on one CUDA device; got {sorted(map(str, devices))}")
+        img, txt = inputs[0], inputs[2]
+        if img.shape[0] * (img.shape[1] + txt.shape[1]) > self.max_tokens:
+            return self.model(*inputs)
         key = (next(iter(devices)), *((tuple(t.shape), t.dtype) for t in inputs))
         weights = self._weight_addresses()
         captured = self._graphs.get(key)

@@ -78,3 +78,15 @@ def test_weights_that_moved_are_read_from_where_they_are_now():
     assert [p.data_ptr() for p in model.parameters()] != before
     assert torch.equal(graphed(*x), want)
     del fillers
+
+
+@pytest.mark.cuda
+@needs_cuda
+@torch.no_grad()
+def test_steps_above_max_tokens_run_the_model_directly():
+    model = tiny_model(device="cuda")[0].eval()
+    x = contract_inputs(device="cuda")  # 32 image + 8 text tokens
+    graphed = CUDAGraphedTransformer(model, max_tokens=39)
+    assert torch.equal(graphed(*x), model(*x)) and graphed.captured_shapes == []
+    graphed.max_tokens = 40
+    assert torch.equal(graphed(*x), model(*x)) and len(graphed.captured_shapes) == 1
