@@ -10,7 +10,8 @@ have FP8 tensor cores (compute capability >= 8.9); elsewhere it computes in 16-b
 weights, quantizing activations the same way, so the numbers are the calibrated model's everywhere.
 When the state was calibrated with attention quantization (the recipe's default), attention runs
 in FP8 too (`fp8_attention.py`: a fused Triton kernel on those GPUs, the recipe in PyTorch elsewhere).
-The weight-only modulation Linears of all blocks become one FusedModulation (one GEMV kernel a step).
+The weight-only modulation Linears of all blocks become one FusedModulation (one GEMV kernel a step), and
+GELU is written in the form Inductor compiles cheaper (SigmoidGELU).
 `compile_blocks` makes it fast: each block compiled, the quantization of activations fused into the
 ops that produce them.
 """
@@ -133,6 +134,37 @@ class ComputedByFusedModulation(nn.Module):
                            "KontextTransformer, not the block on its own")
 
 
+# sqrt(2 / pi), doubled: GELU's tanh approximation is x * sigmoid(2 * sqrt(2 / pi) * (x + 0.044715 x^3)).
+_GELU_SIGMOID_SCALE = 2 * (2 / 3.141592653589793) ** 0.5
+
+
+def gelu_tanh_as_sigmoid(x: Tensor) -> Tensor:
+    """GELU's tanh approximation written with tanh(z) = 2 sigmoid(2z) - 1: the same function, in float32."""
+    xf = x.float()
+    return (xf * torch.sigmoid(_GELU_SIGMOID_SCALE * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+
+
+class SigmoidGELU(nn.Module):
+    """nn.GELU(approximate="tanh"), compiled as gelu_tanh_as_sigmoid: Inductor makes the sigmoid one
+    exponential where tanh is a libdevice call, and the kernels that apply it (fused with the FP8
+    quantization of linear2's / the MLP's input) are bound by their arithmetic. On an H100 at 8704 tokens
+    the single blocks' one went from 0.234 to 0.200 ms, the double blocks' from 0.165 to 0.135, with the
+    same FP8 outputs. Eager, the written-out form would be several kernels where F.gelu is one."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return gelu_tanh_as_sigmoid(x)
+        return F.gelu(x, approximate="tanh")
+
+
+def use_sigmoid_gelu(model: nn.Module) -> None:
+    """Every tanh-approximated nn.GELU in model becomes a SigmoidGELU."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.GELU) and module.approximate == "tanh":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, SigmoidGELU())
+
+
 def modulation_linears(model: KontextTransformer) -> list[str]:
     """The modulation Linears' names in the order KontextTransformer.fused_modulation returns them."""
     return ([f"double_blocks.{i}.{stream}_mod.lin" for i in range(len(model.double_blocks)) for stream in ("img", "txt")]
@@ -206,6 +238,7 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
             setattr(model.get_submodule(name.rpartition(".")[0]), "lin", ComputedByFusedModulation())
     if recipe.attention and fp8_attention:
         _use_fp8_attention(model, amax, state_path, device)
+    use_sigmoid_gelu(model)
     for name, p in list(model.named_parameters()):  # the RMSNorm scales
         if p.is_meta:
             parent, _, child = name.rpartition(".")

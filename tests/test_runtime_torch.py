@@ -122,6 +122,25 @@ def test_backend_refuses_a_state_missing_attention_scales(calibrated_with_attent
         load_fp8_transformer(sd.__getitem__, broken)
 
 
+def test_gelu_in_its_sigmoid_form_is_the_same_function(calibrated):
+    import torch.nn.functional as F
+
+    from engines.runtime_torch import SigmoidGELU, gelu_tanh_as_sigmoid
+
+    x = torch.linspace(-10, 10, 20001)
+    want = F.gelu(x, approximate="tanh")
+    assert torch.allclose(gelu_tanh_as_sigmoid(x), want, rtol=1e-5, atol=1e-6)
+    assert gelu_tanh_as_sigmoid(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    # Compiled, the module runs the sigmoid form; eager, F.gelu itself.
+    compiled = torch.compile(SigmoidGELU(), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), gelu_tanh_as_sigmoid(x)) and not torch.equal(compiled(x), want)
+    assert torch.equal(SigmoidGELU()(x), want)
+    _, sd, state, _ = calibrated
+    backend = load_fp8_transformer(sd.__getitem__, state, dtype=torch.float32)
+    kinds = [type(m).__name__ for m in backend.modules() if type(m).__name__ in ("GELU", "SigmoidGELU")]
+    assert kinds == ["SigmoidGELU"] * (2 * len(backend.double_blocks) + len(backend.single_blocks))
+
+
 def test_weight_only_gemv_is_the_dequantized_linear():
     from engines.fp8 import quantize_fp8
     from engines.runtime_torch import fp8_weight_gemv
