@@ -1,16 +1,16 @@
 """A whole transformer step replayed as one CUDA graph.
 
 A compiled step launches ~900 kernels, and between them runs Python: dynamo's guards on each of the 57
-blocks, the custom ops' launchers, the eager embedders. At 1024^2 + reference the GPU waits on that for
-several ms a step, and below ~2500 tokens the step is bound by it. torch.compile's own CUDA graphs
-(mode="reduce-overhead") graph each block separately and copy every block's 16-bit activations into the
-graph's static inputs. Capturing the whole forward once per input shape leaves one replay per step and
-copies only the step's inputs.
+blocks, the custom ops' launchers, the eager embedders. Below ~2500 tokens the step is bound by that
+Python. torch.compile's own CUDA graphs (mode="reduce-overhead") graph each block separately and copy
+every block's 16-bit activations into the graph's static inputs; capturing the whole forward once per
+input shape leaves one replay per step and copies only the step's inputs.
 
-Only small steps are replayed (max_tokens, batch x tokens): on an H100 the graph took a compiled step at
-512^2 from 50.7 to 33.4 ms and at 512^2 + reference from 55.4 to 52.7 ms, but from 4608 tokens on, where
-the GPU never waits on Python, replays measured 0-3% slower than launching the kernels
-(benchmarks/results/step_speed_sweep_h100.json), so larger steps run the model directly.
+Only small steps are replayed (max_tokens, batch x tokens): on lent H100s a compiled 512^2 step took
+37.9-50.7 ms run to run and its replay 32.4-34.9 ms, 512^2 + reference was a wash (52.7 / 51.6 against
+55.4 / 50.3 ms), and from 4608 tokens on, where the GPU never waits on Python, replays measured 0-3%
+slower than launching the same kernels (benchmarks/results/step_speed_sweep_h100.json and
+step_speed_graph_threshold_h100.json), so larger steps run the model directly.
 
 A graph holds the addresses of the weights it read: when the model's tensors move (ComfyUI offloads and
 reloads models), its graphs are captured again.
@@ -32,7 +32,7 @@ class _Captured:
     weights: tuple[int, ...]
 
 
-# Batch x tokens up to which a step is replayed: 2560 (512^2 + reference) gained, 4608 (1024^2) lost.
+# Batch x tokens up to which a step is replayed: 1536 (512^2) gained, 2560 was a wash, 4608 (1024^2) lost.
 MAX_GRAPHED_TOKENS = 4096
 
 

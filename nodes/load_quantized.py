@@ -46,7 +46,7 @@ class KontextLoadQuantized(io.ComfyNode):
                                  tooltip="PyTorch backend on an NVIDIA GPU: replay small steps (batch x tokens up to "
                                          "4096, e.g. 512x512 with a reference) as one CUDA graph, captured at the "
                                          "first step of each size (two kept), so no Python runs between kernels. On "
-                                         "an H100: 1.5x faster steps at 512x512; larger steps run as they are."),
+                                         "an H100: 1.1-1.5x faster steps at 512x512; larger steps run as they are."),
             ],
             outputs=[io.Model.Output()],
         )
