@@ -276,12 +276,13 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
     print(json.dumps(env))
-    print("| variant | shape | tokens | batch | ms/step | vs ComfyUI BF16 | peak GiB | cosine | first step s |\n"
+    print("| variant | shape | tokens | batch | ms/step | vs ComfyUI BF16 | peak GiB (reserved) | cosine | first step s |\n"
           "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        speedup = f"{r['speedup_vs_comfy_bf16']}x" if r["speedup_vs_comfy_bf16"] else "-"
         print(f"| {r['variant']} | {r['size']}{'+ref' if r['reference'] else ''} | {r['tokens']} | {r['batch']} | "
-              f"{r['ms_per_step']} | {r['speedup_vs_comfy_bf16']}x | {r['peak_gib']} | {r['cosine_to_comfy_bf16']} | "
-              f"{r['first_step_s']} |")
+              f"{r['ms_per_step']} | {speedup} | {r['peak_gib']} ({r['peak_reserved_gib']}) | "
+              f"{r['cosine_to_comfy_bf16']} | {r['first_step_s']} |")
     return 0
 
 
