@@ -45,12 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from engines import KONTEXT_DEV, random_state_dict, transformer_from_state_dict  # noqa: E402
+from engines import INPUT_NAMES, KONTEXT_DEV, random_state_dict, transformer_from_state_dict  # noqa: E402
 from engines.quantize import output_error, use_eager_fp8_fake_quant  # noqa: E402
 from engines.tokens import edit_ids  # noqa: E402
 
 GIB = 2**30
-CONTRACT_ORDER = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance")
 VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "pack_fp8", "pack_fp8_compile",
             "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs",
             "pack_fp8_attn_compile_graphed")
@@ -148,7 +147,7 @@ def make_variant(name: str, sd: dict, cfg, device):
         graphed = CUDAGraphedTransformer(model)
 
         def step(x):
-            return graphed(*(x[k] for k in CONTRACT_ORDER))
+            return graphed(*(x[k] for k in INPUT_NAMES))
         step.release = graphed.release  # each shape's memory measured without the last shape's graph
         return step
     if name.endswith("_cudagraphs"):

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernel_ops import launch
+
 LOG2E = 1.4426950408889634
 
 
@@ -148,12 +150,7 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales:
             k8.stride(0), k8.stride(1), k8.stride(2),
             vt8.stride(0), vt8.stride(1), vt8.stride(2),
             out.stride(0), out.stride(2), out.stride(1))
-    flags = dict(HEAD_DIM=head_dim, QUANTIZE_P=quantize_p, PROMOTE_PV=promote_pv)
-    if config is None:
-        grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-        tuned_fp8_attention_kernel[grid](*args, **flags)
-    else:
-        cfg = dict(config)
-        grid = (triton.cdiv(seq_len, cfg["BLOCK_M"]), batch * heads)
-        fp8_attention_kernel[grid](*args, **flags, **cfg)
+    launch(fp8_attention_kernel, tuned_fp8_attention_kernel,
+           lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads), args, config,
+           HEAD_DIM=head_dim, QUANTIZE_P=quantize_p, PROMOTE_PV=promote_pv)
     return out

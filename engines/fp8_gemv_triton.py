@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernel_ops import launch
+
 MAX_ROWS = 16  # rows of x (samples in a batch) one launch takes: the MMA's smallest N
 
 
@@ -65,10 +67,6 @@ def fp8_gemv(x: torch.Tensor, weight_fp8: torch.Tensor, row_scales: torch.Tensor
     x = x.contiguous()
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     args = (x, weight_fp8, row_scales, bias, out, rows, n, k, x.stride(0), weight_fp8.stride(0), out.stride(0))
-    flags = dict(BLOCK_R=MAX_ROWS, EXACT_FP32=x.dtype == torch.float32)
-    if config is None:
-        tuned_fp8_gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
-    else:
-        cfg = dict(config)
-        fp8_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](*args, **flags, **cfg)
+    launch(fp8_gemv_kernel, tuned_fp8_gemv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),), args, config,
+           BLOCK_R=MAX_ROWS, EXACT_FP32=x.dtype == torch.float32)
     return out

@@ -1,5 +1,6 @@
 """The pack's Triton kernels as PyTorch custom ops (`torch.ops.kontext_trt.*`), so torch.compile calls them
-as opaque ops, and the check of whether this device can run them."""
+as opaque ops, their launch (autotuned, or with one given config), and the check of whether this device
+can run them."""
 from __future__ import annotations
 
 import functools
@@ -35,3 +36,12 @@ def custom_op(name: str, fn: Callable, fake: Callable):
     op = torch.library.custom_op(f"kontext_trt::{name}", mutates_args=())(fn)
     op.register_fake(fake)
     return getattr(torch.ops.kontext_trt, name)
+
+
+def launch(kernel, tuned_kernel, grid: Callable[[dict], tuple], args: tuple, config: dict | None, **flags) -> None:
+    """tuned_kernel (kernel under triton.autotune) when config is None, else kernel with config's tile sizes,
+    num_warps and num_stages. grid(meta) -> the launch grid from the tile sizes."""
+    if config is None:
+        tuned_kernel[grid](*args, **flags)
+    else:
+        kernel[grid(config)](*args, **flags, **config)

@@ -161,8 +161,7 @@ def use_sigmoid_gelu(model: nn.Module) -> None:
     """Every tanh-approximated nn.GELU in model becomes a SigmoidGELU."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.GELU) and module.approximate == "tanh":
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, SigmoidGELU())
+            model.set_submodule(name, SigmoidGELU())
 
 
 def modulation_linears(model: KontextTransformer) -> list[str]:
@@ -230,12 +229,11 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
             replacement = FP8Linear(weight_fp8, w_scale, bias,
                                     None if i_amax is None else i_amax.to(device).float() / FP8_MAX)
         del weight
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        model.set_submodule(name, replacement)
     if fuse_modulation:
         model.fused_modulation = FusedModulation(fused_weight, [model.get_submodule(name) for name in fused])
         for name in fused:
-            setattr(model.get_submodule(name.rpartition(".")[0]), "lin", ComputedByFusedModulation())
+            model.set_submodule(name, ComputedByFusedModulation())
     if recipe.attention and fp8_attention:
         _use_fp8_attention(model, amax, state_path, device)
     use_sigmoid_gelu(model)
@@ -257,8 +255,7 @@ def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state
                 raise BackendError(f"{state_path}: the recipe quantizes attention but {key} is "
                                    f"{'missing' if key not in amax else 'not per-tensor'}")
             scales.append(amax[key].to(device).float() / FP8_MAX)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, FP8Attention(*scales))
+        model.set_submodule(name, FP8Attention(*scales))
 
 
 def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: bool = False) -> KontextTransformer:

@@ -5,16 +5,16 @@ import torch
 
 from quant_helpers import CFG, tiny_model
 
+from engines import INPUT_NAMES
 from engines.cuda_graph_step import CUDAGraphedTransformer
 from engines.tokens import example_inputs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
-ORDER = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y", "guidance")
 
 
 def contract_inputs(seed=0, device="cpu", **kw):
     x = example_inputs(CFG, seed=seed, device=device, **kw)
-    return [x[k] for k in ORDER]
+    return [x[k] for k in INPUT_NAMES]
 
 
 def test_refuses_inputs_off_the_gpu_by_saying_where_they_are():
