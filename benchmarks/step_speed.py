@@ -24,6 +24,8 @@ Variants:
   pack_fp8_attn         the backend as the loader builds it from an fp8 state calibrated with attention:
                         FP8 GEMMs + FP8 attention (the fused Triton kernel), eager
   pack_fp8_attn_compile the same, blocks compiled: the pack's fast path
+  pack_fp8_attn_compile_unfused_inputs  the same with QK-norm, RoPE and the attention inputs' FP8
+                        quantization left to Inductor, not the fused kernel (fp8_attention_inputs_triton.py)
   pack_fp8_attn_compile_tuned  the same with Inductor's coordinate-descent tuning of its kernels
   pack_fp8_attn_cudagraphs  the same with mode="reduce-overhead": each block replayed as a CUDA graph
   pack_fp8_attn_compile_graphed  pack_fp8_attn_compile with the whole step replayed as one CUDA graph
@@ -51,7 +53,7 @@ from engines.tokens import edit_ids  # noqa: E402
 
 GIB = 2**30
 VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "pack_fp8", "pack_fp8_compile",
-            "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs",
+            "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_unfused_inputs", "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs",
             "pack_fp8_attn_compile_graphed")
 
 
@@ -135,7 +137,13 @@ def make_variant(name: str, sd: dict, cfg, device):
     else:
         model = fp8_model(gpu_sd, device, attention=name.startswith("pack_fp8_attn"))
         del gpu_sd
-        if name.endswith(("_compile", "_compile_graphed")):
+        if name.endswith("_unfused_inputs"):
+            from engines.fp8_attention import FP8Attention
+
+            for module in model.modules():
+                if isinstance(module, FP8Attention):
+                    module.fused_inputs = False
+        if name.endswith(("_compile", "_compile_graphed", "_compile_unfused_inputs")):
             compile_blocks(model)
         elif name.endswith("_compile_tuned"):
             compile_blocks(model, tune=True)

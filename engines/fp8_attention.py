@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .fp8 import FP8, FP8_MAX, quantize_fp8
 from .kernel_ops import custom_op, triton_fp8_kernels_available
+from .transformer import Attention
 
 # Heads per chunk of the written-out attention: at 8704 tokens one head's FP32 scores are 300 MB.
 HEADS_PER_CHUNK = 4
@@ -35,6 +36,25 @@ def _fused_shape(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, out_dtype:
 
 
 fused_fp8_attention = custom_op("fp8_attention", _fused, _fused_shape)
+
+
+def _inputs(qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], q_norms: list[Tensor], k_norms: list[Tensor],
+            pe: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    from .fp8_attention_inputs_triton import fp8_attention_inputs
+
+    return fp8_attention_inputs(qs, ks, vs, q_norms, k_norms, pe, scales)
+
+
+def _inputs_shape(qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], q_norms: list[Tensor], k_norms: list[Tensor],
+                  pe: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    batch, heads, _, head_dim = qs[0].shape
+    total = sum(q.shape[2] for q in qs)
+    q8 = qs[0].new_empty((batch, heads, total, head_dim), dtype=FP8)
+    vt8 = qs[0].new_empty((batch, heads, head_dim, -(-total // 16) * 16), dtype=FP8)[..., :total]
+    return q8, torch.empty_like(q8), vt8
+
+
+fused_fp8_attention_inputs = custom_op("fp8_attention_inputs", _inputs, _inputs_shape)
 
 
 def quantize_transposed_for_kernel(v: Tensor, v_scale: Tensor) -> Tensor:
@@ -71,8 +91,14 @@ def fp8_attention_reference(q8: Tensor, k8: Tensor, v8: Tensor, scales: Tensor, 
     return (out * (v_scale / FP8_MAX)).transpose(1, 2).to(out_dtype)
 
 
-class FP8Attention(nn.Module):
-    """Drop-in for transformer.Attention: q, k, v [B, H, L, D] (16-bit, RoPE applied) -> [B, L, H*D]."""
+class FP8Attention(Attention):
+    """transformer.Attention in FP8: q, k, v [B, H, L, D] (16-bit, RoPE applied) -> [B, L, H*D].
+
+    `attend` (QK-norm, RoPE, then attention) runs as two fused kernels where the Triton ones run: one makes
+    the FP8 Q, K and V^T straight from the projections (`fp8_attention_inputs_triton.py`), one attends.
+    fused_inputs=False leaves the first to Inductor (for the benchmark that compares them)."""
+
+    fused_inputs = True
 
     def __init__(self, q_scale: Tensor, k_scale: Tensor, v_scale: Tensor):
         super().__init__()
@@ -88,3 +114,12 @@ class FP8Attention(nn.Module):
         else:
             out = fp8_attention_reference(q8, k8, quantize_fp8(v, v_scale), self.scales, q.dtype)
         return out.flatten(2)
+
+    def attend(self, streams: list[tuple[Tensor, Tensor, Tensor, nn.Module]], pe: Tensor) -> Tensor:
+        q = streams[0][0]
+        if not (self.fused_inputs and triton_fp8_kernels_available(q.device)):
+            return super().attend(streams, pe)
+        q8, k8, vt8 = fused_fp8_attention_inputs(
+            [s[0] for s in streams], [s[1] for s in streams], [s[2] for s in streams],
+            [s[3].query_norm.scale for s in streams], [s[3].key_norm.scale for s in streams], pe, self.scales)
+        return fused_fp8_attention(q8, k8, vt8, self.scales, q.dtype).flatten(2)

@@ -108,8 +108,22 @@ class Attention(nn.Module):
     """softmax(Q K^T / sqrt(D)) V for q, k, v [B, H, L, D] (RoPE already applied) -> [B, L, H*D].
 
     Every block routes its attention core through one of these and nothing else, so the
-    quantization recipes can replace exactly BMM1 (QK^T), softmax and BMM2 (P x V) here.
+    quantization recipes can replace exactly BMM1 (QK^T), softmax and BMM2 (P x V) here (forward).
+    Blocks call `attend`, which also norms and rotates Q and K, so a runtime can fuse that with the
+    quantization of the attention's inputs (the PyTorch backend's FP8 attention does).
     """
+
+    def attend(self, streams: list[tuple[Tensor, Tensor, Tensor, QKNorm]], pe: Tensor) -> Tensor:
+        """Joint attention over streams of (q, k, v [B, H, L_i, D], their QKNorm), their tokens concatenated
+        in order; pe: RoPE over the whole sequence -> [B, sum L_i, H*D]."""
+        qs, ks, vs = [], [], []
+        for q, k, v, norm in streams:
+            q, k = norm(q, k, v)
+            qs.append(q)
+            ks.append(k)
+            vs.append(v)
+        q, k, v = (ts[0] if len(ts) == 1 else torch.cat(ts, dim=2) for ts in (qs, ks, vs))
+        return self(apply_rope(q, pe), apply_rope(k, pe), v)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if q.is_cuda:
@@ -132,12 +146,11 @@ class SelfAttention(nn.Module):
         self.norm = QKNorm(dim // num_heads, dtype=dtype, device=device)
         self.proj = nn.Linear(dim, dim, dtype=dtype, device=device)
 
-    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, L, dim] -> normed q, k and v, each [B, H, L, D]."""
+    def split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, QKNorm]:
+        """x [B, L, dim] -> q, k and v, each [B, H, L, D], and the QKNorm for q and k (one Attention.attend stream)."""
         qkv = self.qkv(x)
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = self.norm(q, k, v)
-        return q, k, v
+        return q, k, v, self.norm
 
 
 # ---------------------------------------------------------------- blocks
@@ -195,13 +208,9 @@ class DoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
 
-        img_q, img_k, img_v = self.img_attn.split_heads(modulate(layer_norm(img, self.hidden_size), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.split_heads(modulate(layer_norm(txt, self.hidden_size), txt_shift1, txt_scale1))
-
-        q = apply_rope(torch.cat((txt_q, img_q), dim=2), pe)
-        k = apply_rope(torch.cat((txt_k, img_k), dim=2), pe)
-        v = torch.cat((txt_v, img_v), dim=2)
-        attn = self.attention(q, k, v)
+        img_stream = self.img_attn.split_heads(modulate(layer_norm(img, self.hidden_size), img_shift1, img_scale1))
+        txt_stream = self.txt_attn.split_heads(modulate(layer_norm(txt, self.hidden_size), txt_shift1, txt_scale1))
+        attn = self.attention.attend([txt_stream, img_stream], pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
@@ -234,8 +243,7 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp = torch.split(self.linear1(modulate(layer_norm(x, self.hidden_size), shift, scale)),
                                [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = self.norm(q, k, v)
-        attn = self.attention(apply_rope(q, pe), apply_rope(k, pe), v)
+        attn = self.attention.attend([(q, k, v, self.norm)], pe)
         return x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
 
 
