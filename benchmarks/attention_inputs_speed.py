@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from engines.fp8 import quantize_fp8  # noqa: E402
 from engines.fp8_attention import quantize_transposed_for_kernel  # noqa: E402
 from engines.fp8_attention_inputs_triton import fp8_attention_inputs  # noqa: E402
 from engines.transformer import Attention, EmbedND, QKNorm  # noqa: E402
+
+from results_table import write_results  # noqa: E402
 
 HEADS, HEAD_DIM, TEXT = 24, 128, 512
 MORE_CONFIGS = [dict(BLOCK_L=block, HEADS_PER_PROGRAM=heads, num_warps=warps)
@@ -89,12 +90,9 @@ def main(argv=None) -> int:
                 row = dict(tokens=tokens, block=block, kernel=name, us=round(us, 1), gb_per_s=round(moved / us / 1e3))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                                              triton=__import__("triton").__version__, rows=rows), indent=2))
-    print("| tokens | block | kernel | us | GB/s |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['tokens']} | {r['block']} | {r['kernel']} | {r['us']} | {r['gb_per_s']} |")
+    write_results(args.out, dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                                 triton=__import__("triton").__version__), rows,
+                  [("tokens", "tokens"), ("block", "block"), ("kernel", "kernel"), ("us", "us"), ("GB/s", "gb_per_s")])
     return 0
 
 

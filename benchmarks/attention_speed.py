@@ -32,6 +32,7 @@ from engines.fp8_attention import fp8_attention_reference, quantize_transposed_f
 from engines.fp8_attention_triton import CONFIGS, fp8_attention  # noqa: E402
 
 from cudnn_fp8_attention import cudnn_fp8_attention, frontend_version, unavailable_reason  # noqa: E402
+from results_table import write_results  # noqa: E402
 
 HEADS, HEAD_DIM = 24, 128
 MORE_CONFIGS = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3),
@@ -143,13 +144,11 @@ def main(argv=None) -> int:
                        flat=round(flat_ratio, 4))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                                              cudnn=torch.backends.cudnn.version(), cudnn_frontend=frontend_version(),
-                                              triton=__import__("triton").__version__, rows=rows), indent=2))
-    print("| tokens | kernel | ms | TFLOP/s | rel. error vs FP32 | flat |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['tokens']} | {r['kernel']} | {r['ms']} | {r['tflops']} | {r['rel_err_vs_fp32']} | {r['flat']} |")
+    write_results(args.out, dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                                 cudnn=torch.backends.cudnn.version(), cudnn_frontend=frontend_version(),
+                                 triton=__import__("triton").__version__), rows,
+                  [("tokens", "tokens"), ("kernel", "kernel"), ("ms", "ms"), ("TFLOP/s", "tflops"),
+                   ("rel. error vs FP32", "rel_err_vs_fp32"), ("flat", "flat")])
     return 0
 
 
