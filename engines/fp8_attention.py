@@ -45,27 +45,36 @@ def _inputs(qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], q_norms: list[
     return fp8_attention_inputs(qs, ks, vs, q_norms, k_norms, pe, scales)
 
 
+# V^T rows start at multiples of this many elements (16 bytes in FP8): at L = 15650 unaligned rows cost the
+# attention kernel half its speed (measured on an H100).
+V_ROW_ALIGN = 16
+
+
+def empty_transposed_v(batch: int, heads: int, head_dim: int, seq_len: int, device, dtype=FP8) -> Tensor:
+    """An uninitialized V^T [B, H, D, L], L contiguous, each row starting V_ROW_ALIGN-aligned (padded storage)."""
+    padded = -(-seq_len // V_ROW_ALIGN) * V_ROW_ALIGN
+    return torch.empty(batch, heads, head_dim, padded, device=device, dtype=dtype)[..., :seq_len]
+
+
 def _inputs_shape(qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], q_norms: list[Tensor], k_norms: list[Tensor],
                   pe: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     batch, heads, _, head_dim = qs[0].shape
     total = sum(q.shape[2] for q in qs)
     q8 = qs[0].new_empty((batch, heads, total, head_dim), dtype=FP8)
-    vt8 = qs[0].new_empty((batch, heads, head_dim, -(-total // 16) * 16), dtype=FP8)[..., :total]
-    return q8, torch.empty_like(q8), vt8
+    return q8, torch.empty_like(q8), empty_transposed_v(batch, heads, head_dim, total, qs[0].device)
 
 
 fused_fp8_attention_inputs = custom_op("fp8_attention_inputs", _inputs, _inputs_shape)
 
 
 def quantize_transposed_for_kernel(v: Tensor, v_scale: Tensor) -> Tensor:
-    """v [B, H, L, D] (16-bit) -> FP8 V^T [B, H, D, L] with L contiguous, as the kernel takes it. Each row starts
-    16-byte aligned (L padded to a multiple of 16 in the storage, not in the view): at L = 15650 unaligned
-    rows cost the kernel half its speed (measured on an H100). Padded before quantizing: Inductor (PyTorch
-    2.11) cannot generate the FP8 fill value a padded FP8 copy needs."""
+    """v [B, H, L, D] (16-bit) -> FP8 V^T [B, H, D, L] with L contiguous, as the kernel takes it, each row
+    V_ROW_ALIGN-aligned (L padded in the storage, not in the view). Padded before quantizing: Inductor
+    (PyTorch 2.11) cannot generate the FP8 fill value a padded FP8 copy needs."""
     seq_len = v.shape[2]
     vt = v.transpose(-1, -2)
-    if seq_len % 16:
-        vt = F.pad(vt, (0, 16 - seq_len % 16))
+    if seq_len % V_ROW_ALIGN:
+        vt = F.pad(vt, (0, V_ROW_ALIGN - seq_len % V_ROW_ALIGN))
     return quantize_fp8(vt, v_scale).contiguous()[..., :seq_len]
 
 

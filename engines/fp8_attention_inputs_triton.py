@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_attention import empty_transposed_v
+
 
 RMS_EPS = tl.constexpr(1e-6)  # transformer.RMSNorm's
 
@@ -131,8 +133,7 @@ def fp8_attention_inputs(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: lis
     device = qs[0].device
     q8 = torch.empty(batch, heads, total, head_dim, device=device, dtype=out_dtype)
     k8 = torch.empty_like(q8)
-    # Each V^T row starts 16-byte aligned (see fp8_attention.quantize_transposed_for_kernel).
-    vt8 = torch.empty(batch, heads, head_dim, -(-total // 16) * 16, device=device, dtype=out_dtype)[..., :total]
+    vt8 = empty_transposed_v(batch, heads, head_dim, total, device, out_dtype)
     pe = pe.expand(batch, *pe.shape[1:])
     offset = 0
     for q, k, v, q_norm, k_norm in zip(qs, ks, vs, q_norms, k_norms):
