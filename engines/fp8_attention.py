@@ -56,6 +56,12 @@ def empty_transposed_v(batch: int, heads: int, head_dim: int, seq_len: int, devi
     return torch.empty(batch, heads, head_dim, padded, device=device, dtype=dtype)[..., :seq_len]
 
 
+def check_qkv_scales(scales: Tensor, caller: str) -> None:
+    """The FP8 attention kernels read the Q, K and V scales as one float32 [3] tensor on the device."""
+    if scales.shape != (3,) or scales.dtype != torch.float32:
+        raise ValueError(f"{caller}: scales must be float32 [3] (Q, K, V), got {scales.dtype} {tuple(scales.shape)}")
+
+
 def _inputs_shape(qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], q_norms: list[Tensor], k_norms: list[Tensor],
                   pe: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     batch, heads, _, head_dim = qs[0].shape

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_attention import empty_transposed_v
+from .fp8_attention import check_qkv_scales, empty_transposed_v
 
 
 RMS_EPS = tl.constexpr(1e-6)  # transformer.RMSNorm's
@@ -118,9 +118,7 @@ def fp8_attention_inputs(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: lis
     if pe.dtype != torch.float32 or pe.stride()[-3:] != (4, 2, 1):
         raise ValueError(f"fp8_attention_inputs: pe must be float32 with contiguous 2 x 2 rotations, got {pe.dtype} "
                          f"with strides {pe.stride()}")
-    if scales.shape != (3,) or scales.dtype != torch.float32:
-        raise ValueError(f"fp8_attention_inputs: scales must be float32 [3] (Q, K, V), got {scales.dtype} "
-                         f"{tuple(scales.shape)}")
+    check_qkv_scales(scales, "fp8_attention_inputs")
     for i, (q, k, v, q_norm, k_norm) in enumerate(zip(qs, ks, vs, q_norms, k_norms, strict=True)):
         if not q.shape == k.shape == v.shape or q.shape[:2] != (batch, heads) or q.shape[3] != head_dim \
                 or any(t.stride(-1) != 1 for t in (q, k, v)):

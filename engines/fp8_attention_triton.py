@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_attention import check_qkv_scales
 from .kernel_ops import launch
 
 LOG2E = 1.4426950408889634
@@ -142,8 +143,7 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales:
                              f"got {t.dtype} with strides {t.stride()}")
     if head_dim not in (16, 32, 64, 128, 256):
         raise ValueError(f"fp8_attention: head width {head_dim}; the kernel takes 16, 32, 64, 128 or 256")
-    if scales.shape != (3,) or scales.dtype != torch.float32:
-        raise ValueError(f"fp8_attention: scales must be float32 [3] (Q, K, V), got {scales.dtype} {tuple(scales.shape)}")
+    check_qkv_scales(scales, "fp8_attention")
     out = torch.empty(batch, seq_len, heads, head_dim, device=q8.device, dtype=out_dtype)
     args = (q8, k8, vt8, out, scales, head_dim ** -0.5 * LOG2E, seq_len, heads,
             q8.stride(0), q8.stride(1), q8.stride(2),
