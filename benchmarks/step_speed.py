@@ -26,6 +26,8 @@ Variants:
   pack_fp8_attn_compile the same, blocks compiled: the pack's fast path
   pack_fp8_attn_compile_unfused_inputs  the same with QK-norm, RoPE and the attention inputs' FP8
                         quantization left to Inductor, not the fused kernel (fp8_attention_inputs_triton.py)
+  pack_fp8_attn_compile_default_reductions  the same with Inductor's default choice of reduction kernels
+                        (no multi-kernel: the LayerNorms loop over their rows; runtime_torch.REDUCTION_CHOICE)
   pack_fp8_attn_compile_tuned  the same with Inductor's coordinate-descent tuning of its kernels
   pack_fp8_attn_cudagraphs  the same with mode="reduce-overhead": each block replayed as a CUDA graph
   pack_fp8_attn_compile_graphed  pack_fp8_attn_compile with the whole step replayed as one CUDA graph
@@ -53,7 +55,8 @@ from engines.tokens import edit_ids  # noqa: E402
 
 GIB = 2**30
 VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "pack_fp8", "pack_fp8_compile",
-            "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_unfused_inputs", "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs",
+            "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_unfused_inputs", "pack_fp8_attn_compile_default_reductions",
+            "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs",
             "pack_fp8_attn_compile_graphed")
 
 
@@ -128,7 +131,7 @@ def make_variant(name: str, sd: dict, cfg, device):
     if name.startswith("comfy_"):
         module = comfy_flux(sd, cfg, device, fp8_fast=name == "comfy_fp8_fast")
         if name.endswith("_compile"):
-            compile_blocks(module)
+            compile_blocks(module, pick_reductions=False)  # a plain torch.compile, as ComfyUI's own node does
         return lambda x: module.forward_orig(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"],
                                              x["guidance"])
     gpu_sd = {k: v.to(device) for k, v in sd.items()}
@@ -145,6 +148,8 @@ def make_variant(name: str, sd: dict, cfg, device):
                     module.fused_inputs = False
         if name.endswith(("_compile", "_compile_graphed", "_compile_unfused_inputs")):
             compile_blocks(model)
+        elif name.endswith("_compile_default_reductions"):
+            compile_blocks(model, pick_reductions=False)
         elif name.endswith("_compile_tuned"):
             compile_blocks(model, tune=True)
         elif name.endswith("_cudagraphs"):

@@ -258,15 +258,30 @@ def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state
         model.set_submodule(name, FP8Attention(*scales))
 
 
-def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: bool = False) -> KontextTransformer:
+# Inductor's multi-kernel: each reduction is compiled both as a persistent kernel (a row held in registers, read
+# once) and as a looped one, and the faster of the two is kept after timing both at its first call. The
+# LayerNorms (+ modulation + FP8 quantization) reduce over 3072 channels, above Inductor's 1024-element limit
+# for choosing persistent reductions by itself, so by default they loop; on an H100 at 8704 tokens the
+# persistent ones took those kernels from 7.0 to 4.4 ms a step
+# (benchmarks/results/step_speed_inductor_options_experiment_h100.json).
+REDUCTION_CHOICE = {"triton.multi_kernel": 1}
+
+
+def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: bool = False,
+                   pick_reductions: bool = True) -> KontextTransformer:
     """torch.compile each transformer block (CUDA): Inductor fuses the elementwise work (norms, RoPE,
     modulation, GELU) and the FP8 quantization of every GEMM / attention input into the op that produces
     it. Per block, not whole-model: the 19 double and 38 single blocks share two graphs, so the first
     step compiles twice, not 57 times. mode="reduce-overhead" replays each block as a CUDA graph. tune:
-    Inductor also tunes each generated kernel's launch parameters (coordinate descent; longer first step)."""
-    kwargs = {"mode": mode}
+    Inductor also tunes each generated kernel's launch parameters (coordinate descent; longer first step).
+    pick_reductions: REDUCTION_CHOICE (False: Inductor's defaults, as a plain torch.compile has them)."""
+    if mode not in (None, "reduce-overhead"):
+        raise ValueError(f"compile_blocks: mode {mode!r}; expected None or 'reduce-overhead'")
+    options = dict(REDUCTION_CHOICE) if pick_reductions else {}
     if tune:
-        kwargs = {"options": {"coordinate_descent_tuning": True, "triton.cudagraphs": mode == "reduce-overhead"}}
+        options["coordinate_descent_tuning"] = True
+    # torch.compile takes a mode or options, not both; "reduce-overhead" is Inductor's CUDA graphs option.
+    kwargs = {"mode": mode} if not options else {"options": options | {"triton.cudagraphs": mode == "reduce-overhead"}}
     for block in list(model.double_blocks) + list(model.single_blocks):
         block.compile(**kwargs)
     if getattr(model, "fused_modulation", None) is not None:  # (ComfyUI's Flux, compiled by the benchmarks, has none)

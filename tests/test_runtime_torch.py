@@ -186,3 +186,28 @@ def test_a_block_with_fused_modulation_says_so_when_called_alone(calibrated):
     backend = load_fp8_transformer(sd.__getitem__, state, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="computed by the model's fused_modulation"):
         backend.single_blocks[0].modulation(torch.zeros(1, backend.config.hidden_size))
+
+
+@torch.no_grad()
+def test_compiled_blocks_give_the_uncompiled_outputs(calibrated):
+    """compile_blocks' Inductor options (REDUCTION_CHOICE) are ones torch.compile takes, and compiling changes
+    no number beyond float32 summation order (Inductor's CPU backend here; the options it sets are for CUDA's)."""
+    from engines.runtime_torch import compile_blocks
+
+    _, sd, state, held = calibrated
+    backend = load_fp8_transformer(sd.__getitem__, state, dtype=torch.float32)
+    want = step_outputs(backend, held[:1], (0.5,))
+    got = step_outputs(compile_blocks(backend), held[:1], (0.5,))
+    assert all(getattr(b, "_compiled_call_impl", None) is not None
+               for b in list(backend.double_blocks) + list(backend.single_blocks))
+    for key in want:
+        assert output_error(want[key], got[key])[1] < 1e-4, key
+
+
+def test_compile_blocks_refuses_a_mode_it_does_not_pass_on(calibrated):
+    from engines.runtime_torch import compile_blocks
+
+    _, sd, state, _ = calibrated
+    backend = load_fp8_transformer(sd.__getitem__, state, dtype=torch.float32)
+    with pytest.raises(ValueError, match="compile_blocks: mode 'max-autotune'; expected None or 'reduce-overhead'"):
+        compile_blocks(backend, mode="max-autotune")
