@@ -262,8 +262,8 @@ def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state
 # once) and as a looped one, and the faster of the two is kept after timing both at its first call. The
 # LayerNorms (+ modulation + FP8 quantization) reduce over 3072 channels, above Inductor's 1024-element limit
 # for choosing persistent reductions by itself, so by default they loop; on an H100 at 8704 tokens the
-# persistent ones took those kernels from 7.0 to 4.4 ms a step
-# (benchmarks/results/step_speed_inductor_options_experiment_h100.json).
+# persistent ones took those kernels from 7.1 to 4.1 ms a step, the step from 193.0 to 189.1 ms
+# (benchmarks/results/step_speed_reduction_choice_h100.json and its profile).
 REDUCTION_CHOICE = {"triton.multi_kernel": 1}
 
 
