@@ -26,6 +26,8 @@ Variants:
   pack_fp8_attn_compile the same, blocks compiled: the pack's fast path
   pack_fp8_attn_compile_unfused_inputs  the same with QK-norm, RoPE and the attention inputs' FP8
                         quantization left to Inductor, not the fused kernel (fp8_attention_inputs_triton.py)
+  pack_fp8_attn_compile_inductor_gelu  the same with the MLPs' GELU + FP8 quantization left to Inductor, not
+                        the fused kernel (gelu_fp8_triton.py)
   pack_fp8_attn_compile_default_reductions  the same with Inductor's default choice of reduction kernels
                         (no multi-kernel: the LayerNorms loop over their rows; runtime_torch.REDUCTION_CHOICE)
   pack_fp8_attn_compile_tuned  the same with Inductor's coordinate-descent tuning of its kernels
@@ -56,6 +58,7 @@ from engines.tokens import edit_ids  # noqa: E402
 GIB = 2**30
 VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "pack_fp8", "pack_fp8_compile",
             "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_unfused_inputs", "pack_fp8_attn_compile_default_reductions",
+            "pack_fp8_attn_compile_inductor_gelu",
             "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs",
             "pack_fp8_attn_compile_graphed")
 
@@ -146,7 +149,13 @@ def make_variant(name: str, sd: dict, cfg, device):
             for module in model.modules():
                 if isinstance(module, FP8Attention):
                     module.fused_inputs = False
-        if name.endswith(("_compile", "_compile_graphed", "_compile_unfused_inputs")):
+        if name.endswith("_inductor_gelu"):
+            from engines.runtime_torch import FP8GELUMLP, FP8SingleStreamBlock
+
+            for module in model.modules():
+                if isinstance(module, (FP8GELUMLP, FP8SingleStreamBlock)):
+                    module.fused_gelu = False
+        if name.endswith(("_compile", "_compile_graphed", "_compile_unfused_inputs", "_compile_inductor_gelu")):
             compile_blocks(model)
         elif name.endswith("_compile_default_reductions"):
             compile_blocks(model, pick_reductions=False)

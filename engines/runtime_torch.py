@@ -10,8 +10,9 @@ have FP8 tensor cores (compute capability >= 8.9); elsewhere it computes in 16-b
 weights, quantizing activations the same way, so the numbers are the calibrated model's everywhere.
 When the state was calibrated with attention quantization (the recipe's default), attention runs
 in FP8 too (`fp8_attention.py`: a fused Triton kernel on those GPUs, the recipe in PyTorch elsewhere).
-The weight-only modulation Linears of all blocks become one FusedModulation (one GEMV kernel a step), and
-GELU is written in the form Inductor compiles cheaper (SigmoidGELU).
+The weight-only modulation Linears of all blocks become one FusedModulation (one GEMV kernel a step); the
+MLPs' GELU and the FP8 quantization after it are one Triton kernel (FP8GELUMLP, FP8SingleStreamBlock) on those
+GPUs, and elsewhere GELU is written in the form Inductor compiles cheaper (SigmoidGELU).
 `compile_blocks` makes it fast: each block compiled, the quantization of activations fused into the
 ops that produce them.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ from .fp8 import FP8, FP8_MAX, fp8_tensor_cores, quantize_fp8
 from .fp8_attention import FP8Attention
 from .kernel_ops import custom_op, triton_fp8_kernels_available
 from .recipes import ATTENTION_QUANTIZERS, parse_recipe
-from .transformer import Attention, KontextTransformer
+from .transformer import Attention, KontextTransformer, SingleStreamBlock
 
 
 class BackendError(ValueError):
@@ -54,14 +56,17 @@ class FP8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.input_scale is not None and fp8_tensor_cores(x.device):
             shape = x.shape
-            out = torch._scaled_mm(quantize_fp8(x.reshape(-1, shape[-1]), self.input_scale), self.weight.t(),
-                                   scale_a=self.input_scale, scale_b=self.weight_scale, bias=self.bias,
-                                   out_dtype=x.dtype)
+            out = self.matmul_fp8(quantize_fp8(x.reshape(-1, shape[-1]), self.input_scale), x.dtype)
             return out.reshape(*shape[:-1], out.shape[-1])
         if self.input_scale is None:
             return weight_only_fp8_linear(x, self.weight, self.weight_scale, self.bias)
         x = (quantize_fp8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
         return F.linear(x, (self.weight.float() * self.weight_scale).to(x.dtype), self.bias)
+
+    def matmul_fp8(self, x8: Tensor, out_dtype: torch.dtype) -> Tensor:
+        """x8 [rows, in_features], already FP8 at input_scale -> [rows, out_features] (FP8 tensor cores)."""
+        return torch._scaled_mm(x8, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
+                                bias=self.bias, out_dtype=out_dtype)
 
 
 # Weight-only layers run on one row per sample (the modulation: 3.2 B of the 11.9 B weights). Dequantizing
@@ -164,6 +169,69 @@ def use_sigmoid_gelu(model: nn.Module) -> None:
             model.set_submodule(name, SigmoidGELU())
 
 
+def _gelu_fp8(x: Tensor, scale: Tensor, prefix: Optional[Tensor]) -> Tensor:
+    from .gelu_fp8_triton import gelu_fp8
+
+    return gelu_fp8(x, scale, prefix)
+
+
+def _gelu_fp8_shape(x: Tensor, scale: Tensor, prefix: Optional[Tensor]) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1] + (0 if prefix is None else prefix.shape[1])), dtype=FP8)
+
+
+fused_gelu_fp8 = custom_op("gelu_fp8", _gelu_fp8, _gelu_fp8_shape)
+
+
+def runs_fused_gelu(linear: nn.Module, x: Tensor, n_prefix: int, n_hidden: int) -> bool:
+    """Whether linear's input [prefix | GELU(hidden)] can be made by the fused GELU + FP8 kernel: linear quantizes
+    its input to FP8, the pack's Triton kernels run on x's device, and the widths tile."""
+    if not (isinstance(linear, FP8Linear) and linear.input_scale is not None and triton_fp8_kernels_available(x.device)):
+        return False
+    from .gelu_fp8_triton import tile_columns
+
+    return tile_columns(n_prefix, n_hidden) > 0
+
+
+class FP8GELUMLP(nn.Sequential):
+    """A double block's MLP (Linear, GELU, Linear) whose hidden activations go from the first GEMM's output to
+    the second's FP8 input in one pass (gelu_fp8_triton.py) where that kernel runs; elsewhere the Sequential.
+    fused_gelu=False leaves the GELU and quantization to PyTorch / Inductor (for the benchmark)."""
+
+    fused_gelu = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, act, fc2 = self
+        hidden = fc1(x)
+        if not (self.fused_gelu and runs_fused_gelu(fc2, hidden, 0, hidden.shape[-1])):
+            return fc2(act(hidden))
+        out = fc2.matmul_fp8(fused_gelu_fp8(hidden.reshape(-1, hidden.shape[-1]), fc2.input_scale, None), hidden.dtype)
+        return out.reshape(*hidden.shape[:-1], out.shape[-1])
+
+
+class FP8SingleStreamBlock(SingleStreamBlock):
+    """A single block whose linear2 input, [attention output, GELU(MLP-in)], is made in FP8 in one pass
+    (gelu_fp8_triton.py) where that kernel runs; elsewhere SingleStreamBlock's."""
+
+    fused_gelu = True
+
+    def output_projection(self, attn: Tensor, mlp: Tensor) -> Tensor:
+        if not (self.fused_gelu and runs_fused_gelu(self.linear2, attn, attn.shape[-1], mlp.shape[-1])):
+            return super().output_projection(attn, mlp)
+        x8 = fused_gelu_fp8(mlp.reshape(-1, mlp.shape[-1]), self.linear2.input_scale, attn.reshape(-1, attn.shape[-1]))
+        out = self.linear2.matmul_fp8(x8, attn.dtype)
+        return out.reshape(*attn.shape[:-1], out.shape[-1])
+
+
+def use_fused_gelu(model: KontextTransformer) -> None:
+    """The double blocks' MLPs become FP8GELUMLP, the single blocks FP8SingleStreamBlock (same modules, same
+    weights: only how the GELU and linear2's / the MLP's FP8 input are computed changes)."""
+    for block in model.double_blocks:
+        for name in ("img_mlp", "txt_mlp"):
+            setattr(block, name, FP8GELUMLP(*getattr(block, name)))
+    for block in model.single_blocks:
+        block.__class__ = FP8SingleStreamBlock  # a subclass adding no state: only output_projection differs
+
+
 def modulation_linears(model: KontextTransformer) -> list[str]:
     """The modulation Linears' names in the order KontextTransformer.fused_modulation returns them."""
     return ([f"double_blocks.{i}.{stream}_mod.lin" for i in range(len(model.double_blocks)) for stream in ("img", "txt")]
@@ -237,6 +305,7 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
     if recipe.attention and fp8_attention:
         _use_fp8_attention(model, amax, state_path, device)
     use_sigmoid_gelu(model)
+    use_fused_gelu(model)
     for name, p in list(model.named_parameters()):  # the RMSNorm scales
         if p.is_meta:
             parent, _, child = name.rpartition(".")

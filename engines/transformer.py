@@ -244,7 +244,12 @@ class SingleStreamBlock(nn.Module):
                                [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         attn = self.attention.attend([(q, k, v, self.norm)], pe)
-        return x + gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
+        return x + gate * self.output_projection(attn, mlp)
+
+    def output_projection(self, attn: Tensor, mlp: Tensor) -> Tensor:
+        """linear2 over [attention output, GELU(MLP-in)]. The FP8 backend runs it as one GELU + FP8 pass and
+        the GEMM (runtime_torch.FP8SingleStreamBlock)."""
+        return self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=2))
 
 
 class LastLayer(nn.Module):

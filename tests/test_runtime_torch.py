@@ -10,7 +10,8 @@ from engines.calibrated_state import save_calibrated_state  # noqa: E402
 from engines.calibration import calibration_forward_loop  # noqa: E402
 from engines.quantize import output_error, quantize_transformer  # noqa: E402
 from engines.recipes import load_recipe  # noqa: E402
-from engines.runtime_torch import BackendError, FP8Linear, load_fp8_transformer, transformer_bytes  # noqa: E402
+from engines.runtime_torch import (BackendError, FP8GELUMLP, FP8Linear, FP8SingleStreamBlock,  # noqa: E402
+                                   load_fp8_transformer, transformer_bytes)
 
 
 def calibrate_tiny(tmp, attention: bool):
@@ -34,6 +35,8 @@ def test_backend_matches_the_calibrated_model(calibrated):
     assert isinstance(backend.single_blocks[0].linear2, FP8Linear)
     assert backend.fused_modulation is not None  # the modulation is weight-only per the recipe, hence fused
     assert isinstance(backend.img_in, torch.nn.Linear) and backend.img_in.weight.dtype == torch.float32  # 16-bit layer
+    assert all(isinstance(b.img_mlp, FP8GELUMLP) and isinstance(b.txt_mlp, FP8GELUMLP) for b in backend.double_blocks)
+    assert all(isinstance(b, FP8SingleStreamBlock) for b in backend.single_blocks)  # (their numbers: below, on a CPU)
     sigmas = (0.9, 0.5, 0.1)
     want, got = step_outputs(fake_quant, held, sigmas), step_outputs(backend, held, sigmas)
     for key in want:
