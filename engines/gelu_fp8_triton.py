@@ -60,10 +60,10 @@ def gelu_fp8(x: torch.Tensor, scale: torch.Tensor, prefix: torch.Tensor | None =
 
     out_dtype=torch.float32 writes the values before FP8 rounding: for tests under Triton's CPU interpreter,
     whose FP32 -> FP8 conversion mis-rounds (see fp8_attention_triton.fp8_attention)."""
-    rows, n_x = x.shape
-    n_prefix = 0 if prefix is None else prefix.shape[1]
+    rows, n_x = x.shape[0], x.shape[-1]
+    n_prefix = 0 if prefix is None else prefix.shape[-1]
     for name, t, width in (("x", x, n_x), ("prefix", prefix, n_prefix)):
-        if t is not None and (t.dim() != 2 or t.shape[0] != rows or t.stride(1) != 1):
+        if t is not None and (t.dim() != 2 or t.shape[0] != rows or t.stride(-1) != 1):
             raise ValueError(f"gelu_fp8: {name} must be [{rows}, {width}] with its last dimension contiguous, got "
                              f"shape {tuple(t.shape)} with strides {t.stride()}")
     if scale.numel() != 1 or scale.dtype != torch.float32:

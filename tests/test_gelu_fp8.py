@@ -49,6 +49,9 @@ def test_kernel_refuses_inputs_it_cannot_read_by_name(interpreted):
     with pytest.raises(ValueError, match=r"gelu_fp8: prefix must be \[37, 64\] with its last dimension contiguous, "
                                          r"got shape \(36, 64\)"):
         interpreted.gelu_fp8(x, scale, prefix[:36])
+    with pytest.raises(ValueError, match=r"gelu_fp8: x must be \[2, 256\] with its last dimension contiguous, got "
+                                         r"shape \(2, 37, 256\)"):
+        interpreted.gelu_fp8(x.unsqueeze(0).expand(2, -1, -1), scale, None)
     with pytest.raises(ValueError, match=r"gelu_fp8: scale must be float32 with one element, got torch.float16"):
         interpreted.gelu_fp8(x, scale.half(), prefix)
     x, prefix = activations(n_prefix=24)
