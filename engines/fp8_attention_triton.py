@@ -29,20 +29,20 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_tiles(k_ptrs, v_ptrs, start_n, seq_len, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, seq_len, qk_scale,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr):
+    """Folds one block of BLOCK_N keys into the running output. m_i is the running row max of the scores
+    times qk_scale (log2 domain)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASKED:
-        return (tl.load(k_ptrs, mask=offs_n[None, :] < seq_len, other=0.0),
-                tl.load(v_ptrs, mask=offs_n[None, :] < seq_len, other=0.0))
-    return tl.load(k_ptrs), tl.load(v_ptrs)
-
-
-@triton.jit
-def _softmax_block(s, l_i, m_i, start_n, seq_len, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """One block of scores S -> (448 P, alpha, l_i, m_new): the online softmax's step. m_i is the running row
-    max of the scores times qk_scale (log2 domain)."""
+        k = tl.load(k_ptrs, mask=offs_n[None, :] < seq_len, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_n[None, :] < seq_len, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, k)
     if MASKED:
-        s = tl.where(start_n + tl.arange(0, BLOCK_N)[None, :] < seq_len, s, float("-inf"))
+        s = tl.where(offs_n[None, :] < seq_len, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
     # 448 P, P on the FP8 grid with amax 1, straight from the exponent: 2^(s qk_scale - m + log2 448), one fused
@@ -52,41 +52,16 @@ def _softmax_block(s, l_i, m_i, start_n, seq_len, qk_scale, BLOCK_N: tl.constexp
     # H100 at 8704 tokens. (FP16 exponentials, two per special-function op, measured slower: 1.401 vs 1.326
     # ms, the conversions costing more than the halved exponentials saved.)
     p = tl.math.exp2(s * qk_scale - (m_new - 8.807354922057604)[:, None])
-    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
-
-
-@triton.jit
-def _p_times_v(p, v, QUANTIZE_P: tl.constexpr):
-    """One block's P x V in a fresh FP32 accumulator: Hopper's FP8 MMAs accumulate in reduced precision
-    (Triton's default there never promotes), so the sum over all L keys is carried in FP32 outside them."""
-    if QUANTIZE_P:
-        return tl.dot(p.to(tl.float8e4nv), tl.trans(v))
-    return tl.dot(p, tl.trans(v).to(tl.float32))  # only for checking the rest exactly (tests/test_fp8_attention.py)
-
-
-@triton.jit
-def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, seq_len, qk_scale,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr):
-    """Folds one block of BLOCK_N keys into the running output."""
-    k, v = _load_tiles(k_ptrs, v_ptrs, start_n, seq_len, BLOCK_N, MASKED)
-    p, alpha, l_i, m_new = _softmax_block(tl.dot(q, k), l_i, m_i, start_n, seq_len, qk_scale, BLOCK_N, MASKED)
-    if PROMOTE_PV or not QUANTIZE_P:
-        acc = acc * alpha[:, None] + _p_times_v(p, v, QUANTIZE_P)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if not QUANTIZE_P:  # only for checking the rest of the kernel exactly (see tests/test_fp8_attention.py)
+        acc = acc * alpha[:, None] + tl.dot(p, tl.trans(v).to(tl.float32))
+    elif PROMOTE_PV:
+        # A fresh accumulator per block: Hopper's FP8 MMAs accumulate in reduced precision (Triton's default
+        # there never promotes), so the sum over all L keys is carried in FP32 outside them.
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), tl.trans(v))
     else:  # the sum over all keys inside the MMAs: only for the benchmark that shows what promotion costs
         acc = tl.dot(p.to(tl.float8e4nv), tl.trans(v), acc * alpha[:, None])
     return acc, l_i, m_new
-
-
-@triton.jit
-def _attend_block_deferred(acc, pv, alpha_pv, l_i, m_i, q, k_ptrs, v_ptrs, start_n, seq_len, qk_scale,
-                           BLOCK_N: tl.constexpr, MASKED: tl.constexpr, QUANTIZE_P: tl.constexpr):
-    """_attend_block with the previous block's P x V (pv, rescaled by alpha_pv) added after this block's
-    Q K^T, whose wait retires it, and this block's left in flight: returns it unadded. The same sums."""
-    k, v = _load_tiles(k_ptrs, v_ptrs, start_n, seq_len, BLOCK_N, MASKED)
-    s = tl.dot(q, k)
-    acc = acc * alpha_pv[:, None] + pv
-    p, alpha, l_i, m_new = _softmax_block(s, l_i, m_i, start_n, seq_len, qk_scale, BLOCK_N, MASKED)
-    return acc, _p_times_v(p, v, QUANTIZE_P), alpha, l_i, m_new
 
 
 @triton.jit
@@ -96,7 +71,7 @@ def fp8_attention_kernel(Q, K, Vt, O, Scales, sm_scale_log2, seq_len, num_heads,
                          stride_vb, stride_vh, stride_vd,
                          stride_ob, stride_oh, stride_ol,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr, DEFER_PV: tl.constexpr = False):
+                         QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr):
     start_m = tl.program_id(0)
     qk_scale = tl.load(Scales) * tl.load(Scales + 1) * sm_scale_log2
     v_scale = tl.load(Scales + 2)
@@ -118,29 +93,13 @@ def fp8_attention_kernel(Q, K, Vt, O, Scales, sm_scale_log2, seq_len, num_heads,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_blocks_end = (seq_len // BLOCK_N) * BLOCK_N
-    if DEFER_PV and PROMOTE_PV:
-        # Each block's P x V is added one block later (see _attend_block_deferred): faster only with 128-query
-        # tiles at the longest sequences (H100, 15650 tokens: 4.199 against 4.367 ms; 8704: slower), where the
-        # autotuner can pick it.
-        pv = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        alpha_pv = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        for start_n in range(0, full_blocks_end, BLOCK_N):
-            acc, pv, alpha_pv, l_i, m_i = _attend_block_deferred(
-                acc, pv, alpha_pv, l_i, m_i, q, k_ptrs + start_n * stride_kl, v_ptrs + start_n, start_n, seq_len,
-                qk_scale, BLOCK_N, False, QUANTIZE_P)
-        if full_blocks_end < seq_len:  # the ragged last block: masked, once
-            acc, pv, alpha_pv, l_i, m_i = _attend_block_deferred(
-                acc, pv, alpha_pv, l_i, m_i, q, k_ptrs + full_blocks_end * stride_kl, v_ptrs + full_blocks_end,
-                full_blocks_end, seq_len, qk_scale, BLOCK_N, True, QUANTIZE_P)
-        acc = acc * alpha_pv[:, None] + pv
-    else:
-        for start_n in range(0, full_blocks_end, BLOCK_N):
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs + start_n * stride_kl, v_ptrs + start_n, start_n,
-                                          seq_len, qk_scale, BLOCK_N, False, QUANTIZE_P, PROMOTE_PV)
-        if full_blocks_end < seq_len:  # the ragged last block: masked, once
-            acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs + full_blocks_end * stride_kl,
-                                          v_ptrs + full_blocks_end, full_blocks_end, seq_len, qk_scale, BLOCK_N, True,
-                                          QUANTIZE_P, PROMOTE_PV)
+    for start_n in range(0, full_blocks_end, BLOCK_N):
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs + start_n * stride_kl, v_ptrs + start_n, start_n,
+                                      seq_len, qk_scale, BLOCK_N, False, QUANTIZE_P, PROMOTE_PV)
+    if full_blocks_end < seq_len:  # the ragged last block: masked, once
+        acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs + full_blocks_end * stride_kl,
+                                      v_ptrs + full_blocks_end, full_blocks_end, seq_len, qk_scale, BLOCK_N, True, QUANTIZE_P,
+                                      PROMOTE_PV)
 
     out = acc * (v_scale / l_i)[:, None]  # l_i sums 448 P, as acc does
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
@@ -151,15 +110,13 @@ def fp8_attention_kernel(Q, K, Vt, O, Scales, sm_scale_log2, seq_len, num_heads,
 # On an H100 at 8704 tokens 64 x 128 tiles, 4 warps, 3 stages are fastest (1.248 ms; the others 1.37-2.7 ms,
 # benchmarks/results/attention_speed_fewer_ops_experiment_h100.json). 3 stages of 64 x 128 need ~104 KB of
 # shared memory, 128 x 128 ~112 KB: Hopper and datacenter Ada have it, RTX 40xx (99 KB per block) do not,
-# and the autotuner skips what does not fit there. The last (P x V added a block late) was the fastest at 15650
-# tokens (4.199 against 4.367 ms, benchmarks/results/attention_speed_deferred_pv_experiment_h100.json).
+# and the autotuner skips what does not fit there.
 CONFIGS = [
     triton.Config(dict(BLOCK_M=64, BLOCK_N=128), num_warps=4, num_stages=3),
     triton.Config(dict(BLOCK_M=64, BLOCK_N=128), num_warps=4, num_stages=2),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=128), num_warps=8, num_stages=3),
     triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
-    triton.Config(dict(BLOCK_M=128, BLOCK_N=128, DEFER_PV=True), num_warps=8, num_stages=3),
 ]
 tuned_fp8_attention_kernel = triton.autotune(configs=CONFIGS, key=["seq_len", "HEAD_DIM", "PROMOTE_PV"])(fp8_attention_kernel)
 
@@ -170,7 +127,7 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales:
     """q8, k8 [B, H, L, D] and vt8 [B, H, D, L], float8_e4m3fn; scales float32 [3] (Q, K, V) on their device
     -> O [B, L, H, D] in out_dtype.
 
-    config (BLOCK_M, BLOCK_N, num_warps, num_stages, optionally DEFER_PV) skips the autotuner. quantize_p=False keeps P in FP32
+    config (BLOCK_M, BLOCK_N, num_warps, num_stages) skips the autotuner. quantize_p=False keeps P in FP32
     for P x V: not the recipe; it lets a test check everything else exactly under Triton's CPU interpreter,
     whose FP32 -> FP8 conversion mis-rounds values that round up into the next binade (Triton 3.8:
     125.7 -> 64, not 128). promote_pv=False lets P x V accumulate in the MMA's reduced precision across
