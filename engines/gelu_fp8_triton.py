@@ -22,8 +22,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import FP8
-
-GELU_SIGMOID_SCALE = 2 * math.sqrt(2 / math.pi)
+from .runtime_torch import GELU_SIGMOID_SCALE
 ELEMENTS_PER_PROGRAM = 4096  # a [BLOCK_R, BLOCK_C] tile: 32 elements a thread at 4 warps
 
 

@@ -140,13 +140,13 @@ class ComputedByFusedModulation(nn.Module):
 
 
 # sqrt(2 / pi), doubled: GELU's tanh approximation is x * sigmoid(2 * sqrt(2 / pi) * (x + 0.044715 x^3)).
-_GELU_SIGMOID_SCALE = 2 * (2 / 3.141592653589793) ** 0.5
+GELU_SIGMOID_SCALE = 2 * (2 / 3.141592653589793) ** 0.5
 
 
 def gelu_tanh_as_sigmoid(x: Tensor) -> Tensor:
     """GELU's tanh approximation written with tanh(z) = 2 sigmoid(2z) - 1: the same function, in float32."""
     xf = x.float()
-    return (xf * torch.sigmoid(_GELU_SIGMOID_SCALE * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+    return (xf * torch.sigmoid(GELU_SIGMOID_SCALE * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
 
 
 class SigmoidGELU(nn.Module):
@@ -193,6 +193,15 @@ def runs_fused_gelu(linear: nn.Module, x: Tensor, n_prefix: int, n_hidden: int) 
     return tile_columns(n_prefix, n_hidden) > 0
 
 
+def fused_gelu_linear(linear: FP8Linear, hidden: Tensor, prefix: Tensor | None = None) -> Tensor:
+    """linear([prefix | GELU(hidden)]) with its FP8 input made by the fused kernel (runs_fused_gelu must hold):
+    hidden [..., n_hidden], prefix [..., n_prefix] or None -> [..., out_features] in hidden's dtype."""
+    x8 = fused_gelu_fp8(hidden.reshape(-1, hidden.shape[-1]), linear.input_scale,
+                        None if prefix is None else prefix.reshape(-1, prefix.shape[-1]))
+    out = linear.matmul_fp8(x8, hidden.dtype)
+    return out.reshape(*hidden.shape[:-1], out.shape[-1])
+
+
 class FP8GELUMLP(nn.Sequential):
     """A double block's MLP (Linear, GELU, Linear) whose hidden activations go from the first GEMM's output to
     the second's FP8 input in one pass (gelu_fp8_triton.py) where that kernel runs; elsewhere the Sequential.
@@ -205,8 +214,7 @@ class FP8GELUMLP(nn.Sequential):
         hidden = fc1(x)
         if not (self.fused_gelu and runs_fused_gelu(fc2, hidden, 0, hidden.shape[-1])):
             return fc2(act(hidden))
-        out = fc2.matmul_fp8(fused_gelu_fp8(hidden.reshape(-1, hidden.shape[-1]), fc2.input_scale, None), hidden.dtype)
-        return out.reshape(*hidden.shape[:-1], out.shape[-1])
+        return fused_gelu_linear(fc2, hidden)
 
 
 class FP8SingleStreamBlock(SingleStreamBlock):
@@ -218,9 +226,7 @@ class FP8SingleStreamBlock(SingleStreamBlock):
     def output_projection(self, attn: Tensor, mlp: Tensor) -> Tensor:
         if not (self.fused_gelu and runs_fused_gelu(self.linear2, attn, attn.shape[-1], mlp.shape[-1])):
             return super().output_projection(attn, mlp)
-        x8 = fused_gelu_fp8(mlp.reshape(-1, mlp.shape[-1]), self.linear2.input_scale, attn.reshape(-1, attn.shape[-1]))
-        out = self.linear2.matmul_fp8(x8, attn.dtype)
-        return out.reshape(*attn.shape[:-1], out.shape[-1])
+        return fused_gelu_linear(self.linear2, mlp, prefix=attn)
 
 
 def use_fused_gelu(model: KontextTransformer) -> None:
