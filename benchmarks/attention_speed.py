@@ -85,9 +85,7 @@ def kernels(more_configs: bool, sdpa: bool) -> dict:
     for config in configs + (MORE_CONFIGS if more_configs else []):
         name = "fp8_triton_" + "_".join(f"{k}{v}" for k, v in config.items())
         found[name] = functools.partial(_triton, config=config)
-        found[name + "_fp32_row_sums"] = functools.partial(_triton, config=config, row_sum_mma=False)
     found["fp8_triton_autotuned"] = _triton
-    found["fp8_triton_autotuned_fp32_row_sums"] = functools.partial(_triton, row_sum_mma=False)
     found["fp8_triton_autotuned_unpromoted_pv"] = functools.partial(_triton, promote_pv=False)
     # The recipe as ModelOpt's fake-quant computes it (FP32 matmuls, normalized P on the FP8 grid).
     found["fp8_recipe_pytorch_fp32"] = lambda x: fp8_attention_reference(x["q8"], x["k8"], x["v8"], x["scales"],

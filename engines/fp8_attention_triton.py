@@ -29,9 +29,8 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, seq_len, qk_scale, sum_column,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr,
-                  ROW_SUM_MMA: tl.constexpr):
+def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, seq_len, qk_scale,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr):
     """Folds one block of BLOCK_N keys into the running output. m_i is the running row max of the scores
     times qk_scale (log2 domain)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -53,21 +52,15 @@ def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, seq_len, qk_scale, 
     # H100 at 8704 tokens. (FP16 exponentials, two per special-function op, measured slower: 1.401 vs 1.326
     # ms, the conversions costing more than the halved exponentials saved.)
     p = tl.math.exp2(s * qk_scale - (m_new - 8.807354922057604)[:, None])
-    p8 = p.to(tl.float8e4nv)
+    l_i = l_i * alpha + tl.sum(p, 1)
     if not QUANTIZE_P:  # only for checking the rest of the kernel exactly (see tests/test_fp8_attention.py)
         acc = acc * alpha[:, None] + tl.dot(p, tl.trans(v).to(tl.float32))
     elif PROMOTE_PV:
         # A fresh accumulator per block: Hopper's FP8 MMAs accumulate in reduced precision (Triton's default
         # there never promotes), so the sum over all L keys is carried in FP32 outside them.
-        acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(v))
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), tl.trans(v))
     else:  # the sum over all keys inside the MMAs: only for the benchmark that shows what promotion costs
-        acc = tl.dot(p8, tl.trans(v), acc * alpha[:, None])
-    if ROW_SUM_MMA and QUANTIZE_P:
-        # The row sums of the FP8 P, by the tensor cores: P8 [BLOCK_M, BLOCK_N] x sum_column [BLOCK_N, 16]
-        # (ones in column 0, zeros elsewhere), one small MMA in place of BLOCK_N - 1 FP32 adds per row.
-        l_i = l_i * alpha + tl.sum(tl.dot(p8, sum_column), 1)
-    else:
-        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(tl.float8e4nv), tl.trans(v), acc * alpha[:, None])
     return acc, l_i, m_new
 
 
@@ -78,7 +71,7 @@ def fp8_attention_kernel(Q, K, Vt, O, Scales, sm_scale_log2, seq_len, num_heads,
                          stride_vb, stride_vh, stride_vd,
                          stride_ob, stride_oh, stride_ol,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr, ROW_SUM_MMA: tl.constexpr):
+                         QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr):
     start_m = tl.program_id(0)
     qk_scale = tl.load(Scales) * tl.load(Scales + 1) * sm_scale_log2
     v_scale = tl.load(Scales + 2)
@@ -99,17 +92,14 @@ def fp8_attention_kernel(Q, K, Vt, O, Scales, sm_scale_log2, seq_len, num_heads,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    sum_column = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, 0.0).to(tl.float8e4nv)
-    sum_column = tl.broadcast_to(sum_column, (BLOCK_N, 16))
     full_blocks_end = (seq_len // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_blocks_end, BLOCK_N):
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs + start_n * stride_kl, v_ptrs + start_n, start_n,
-                                      seq_len, qk_scale, sum_column, BLOCK_N, False, QUANTIZE_P, PROMOTE_PV,
-                                      ROW_SUM_MMA)
+                                      seq_len, qk_scale, BLOCK_N, False, QUANTIZE_P, PROMOTE_PV)
     if full_blocks_end < seq_len:  # the ragged last block: masked, once
         acc, l_i, m_i = _attend_block(acc, l_i, m_i, q, k_ptrs + full_blocks_end * stride_kl,
-                                      v_ptrs + full_blocks_end, full_blocks_end, seq_len, qk_scale, sum_column, BLOCK_N, True,
-                                      QUANTIZE_P, PROMOTE_PV, ROW_SUM_MMA)
+                                      v_ptrs + full_blocks_end, full_blocks_end, seq_len, qk_scale, BLOCK_N, True, QUANTIZE_P,
+                                      PROMOTE_PV)
 
     out = acc * (v_scale / l_i)[:, None]  # l_i sums 448 P, as acc does
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
@@ -128,12 +118,12 @@ CONFIGS = [
     triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
 ]
-tuned_fp8_attention_kernel = triton.autotune(configs=CONFIGS, key=["seq_len", "HEAD_DIM", "PROMOTE_PV", "ROW_SUM_MMA"])(fp8_attention_kernel)
+tuned_fp8_attention_kernel = triton.autotune(configs=CONFIGS, key=["seq_len", "HEAD_DIM", "PROMOTE_PV"])(fp8_attention_kernel)
 
 
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales: torch.Tensor,
                   out_dtype: torch.dtype, config: dict | None = None, quantize_p: bool = True,
-                  promote_pv: bool = True, row_sum_mma: bool = True) -> torch.Tensor:
+                  promote_pv: bool = True) -> torch.Tensor:
     """q8, k8 [B, H, L, D] and vt8 [B, H, D, L], float8_e4m3fn; scales float32 [3] (Q, K, V) on their device
     -> O [B, L, H, D] in out_dtype.
 
@@ -162,5 +152,5 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales:
             out.stride(0), out.stride(2), out.stride(1))
     launch(fp8_attention_kernel, tuned_fp8_attention_kernel,
            lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads), args, config,
-           HEAD_DIM=head_dim, QUANTIZE_P=quantize_p, PROMOTE_PV=promote_pv, ROW_SUM_MMA=row_sum_mma)
+           HEAD_DIM=head_dim, QUANTIZE_P=quantize_p, PROMOTE_PV=promote_pv)
     return out
