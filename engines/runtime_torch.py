@@ -340,7 +340,13 @@ def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state
 # for choosing persistent reductions by itself, so by default they loop; on an H100 at 8704 tokens the
 # persistent ones took those kernels from 7.1 to 4.1 ms a step, the step from 193.0 to 189.1 ms
 # (benchmarks/results/step_speed_reduction_choice_h100.json and its profile).
-REDUCTION_CHOICE = {"triton.multi_kernel": 1}
+# Not from Inductor's on-disk graph cache: a process that loads a cached graph holding a multi-kernel fails as
+# it loads it ("'NoneType' object does not support the context manager protocol", from the kernel's
+# cache_key), so every ComfyUI start after the first would fail its first sample. Reproduced on the H100 with
+# torch 2.11.0+cu130 (a LayerNorm over 3072 channels compiled with multi-kernel: the second process with the
+# same cache directory fails, with the graph cache off the second and third run). The blocks' graphs are then
+# lowered again in each process; Triton's own cache still keeps their kernels' compiles.
+REDUCTION_CHOICE = {"triton.multi_kernel": 1, "fx_graph_cache": False}
 
 
 def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: bool = False,
