@@ -78,6 +78,31 @@ def sample(model, cfg, cfg_scale, steps):
     return out.float().cpu(), (time.perf_counter() - t) / steps, torch.cuda.max_memory_allocated() / GIB
 
 
+def profile_sample(model, cfg, steps) -> dict:
+    """One CFG 1 sample under torch.profiler: how much of its wall time the GPU is busy, and where the rest
+    goes (the costliest kernels, and the CPU ops that take longest outside the transformer's step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _, step_s, _ = sample(model, cfg, 1.0, steps)
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0, None
+    for start, stop in kernels:  # the union of kernel intervals (concurrent kernels counted once)
+        if end is None or start > end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90), flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90), flush=True)
+    span_us = kernels[-1][1] - kernels[0][0] if kernels else 0
+    return dict(s_per_step=round(step_s, 4), gpu_busy_ms_per_step=round(busy / 1000 / steps, 2),
+                first_to_last_kernel_ms_per_step=round(span_us / 1000 / steps, 2))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (or COMFYUI_PATH)")
@@ -87,6 +112,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-attention", action="store_true", help="calibrate without attention quantization")
     p.add_argument("--no-compile", action="store_true", help="run the backend's blocks uncompiled")
     p.add_argument("--no-cuda-graph", action="store_true", help="run each step without the loader's CUDA graph")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing the FP8 runs, profile one CFG 1 sample (GPU busy vs wall time, costliest "
+                        "kernels and CPU ops), then one with the conds copied from CPU every step as ComfyUI's "
+                        "own Flux class does, and stop there: no BF16 references, no cosines")
     p.add_argument("--out", default="output/comfyui_fp8_sampling.json")
     args = p.parse_args(argv)
     if not args.comfyui:
@@ -142,6 +171,26 @@ def main(argv=None) -> int:
         outputs["fp8", cfg_scale, steps] = latent
         result[f"fp8_cfg{cfg_scale}_{steps}steps"] = dict(peak_gib=round(peak, 2), s_per_step=round(step_s, 3))
         print(f"fp8 cfg {cfg_scale}, {steps} steps: peak {peak:.2f} GiB, {step_s:.3f} s/step", flush=True)
+    if args.profile:
+        # The loader's MODEL against the same MODEL as ComfyUI's own Flux class holds it (conds copied from CPU
+        # memory in every model call): timed in turns, then one profiled sample each.
+        import comfy.model_base
+
+        classes = {"loader": quantized.model.__class__, "conds_copied_every_step": comfy.model_base.Flux}
+        for turn in range(3):
+            for cfg_scale in (1.0, 2.5):
+                for name, model_class in classes.items():
+                    quantized.model.__class__ = model_class
+                    result.setdefault(f"cfg{cfg_scale}_{args.steps}steps_s_per_step_{name}", []).append(
+                        round(sample(quantized, cfg, cfg_scale, args.steps)[1], 4))
+        for name, model_class in classes.items():
+            quantized.model.__class__ = model_class
+            result[f"profile_{name}"] = profile_sample(quantized, cfg, args.steps)
+        quantized.model.__class__ = classes["loader"]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return 0
     before = torch.cuda.memory_allocated()
     mm.unload_all_models()
     mm.soft_empty_cache()

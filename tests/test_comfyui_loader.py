@@ -93,6 +93,28 @@ def test_dropping_the_reference_changes_the_result(setup):
     assert (with_ref - without).norm() / without.norm() > 1e-2
 
 
+def test_conditioning_goes_to_the_sampling_device_once_per_sample(setup):
+    """ComfyUI encodes the conds once per sample with the load device (encode_model_conds); the loaded MODEL
+    puts their tensors there then, so no model call copies them from CPU memory (a sync per step)."""
+    _, loaded, _, _ = setup
+    import comfy.conds
+
+    g = torch.Generator().manual_seed(0)
+    kwargs = dict(cross_attn=torch.randn(1, 6, CFG.context_in_dim, generator=g),
+                  pooled_output=torch.randn(1, CFG.vec_in_dim, generator=g), guidance=2.5,
+                  reference_latents=[torch.randn(1, 16, 16, 16, generator=g)], noise=torch.zeros(1, 16, 16, 16),
+                  width=128, height=128, prompt_type="positive")
+    on_cpu = loaded.model.extra_conds(**kwargs)
+    moved = loaded.model.extra_conds(**kwargs, device=torch.device("meta"))
+    assert {"c_crossattn", "y", "guidance", "ref_latents"} <= set(moved) and set(moved) == set(on_cpu)
+    for name, cond in moved.items():
+        tensors = cond.cond if isinstance(cond.cond, list) else [cond.cond]
+        assert all(t.device.type == "meta" for t in tensors if isinstance(t, torch.Tensor)), name
+        assert type(cond) is type(on_cpu[name])
+    assert isinstance(moved["ref_latents"], comfy.conds.CONDList) and len(moved["ref_latents"].cond) == 1
+    assert all(t.device.type == "cpu" for t in [on_cpu["c_crossattn"].cond, on_cpu["guidance"].cond])
+
+
 def test_loaded_model_costs_fp8_memory_not_16bit(setup):
     original, loaded, _, _ = setup
     assert loaded.model_size() < 0.6 * original.model_size()
