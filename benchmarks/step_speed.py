@@ -257,6 +257,10 @@ def main(argv=None) -> int:
                weights=args.checkpoint or "random")
     rows, reference = [], {}
     for name in args.variants.split(","):
+        # Dynamo keeps compiled graphs per function, not per model: without this a variant whose blocks compile
+        # with the same torch.compile options as an earlier one's would run that variant's graphs (so its
+        # Inductor choices too) and skip its own compilation.
+        torch._dynamo.reset()
         t0 = time.perf_counter()
         fn = make_variant(name, sd, cfg, device)
         setup_s = time.perf_counter() - t0

@@ -334,21 +334,6 @@ def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state
         model.set_submodule(name, FP8Attention(*scales))
 
 
-# Inductor's multi-kernel: each reduction is compiled both as a persistent kernel (a row held in registers, read
-# once) and as a looped one, and the faster of the two is kept after timing both at its first call. The
-# LayerNorms (+ modulation + FP8 quantization) reduce over 3072 channels, above Inductor's 1024-element limit
-# for choosing persistent reductions by itself, so by default they loop; on an H100 at 8704 tokens the
-# persistent ones took those kernels from 7.1 to 4.1 ms a step, the step from 193.0 to 189.1 ms
-# (benchmarks/results/step_speed_reduction_choice_h100.json and its profile).
-# Not from Inductor's on-disk graph cache: a process that loads a cached graph holding a multi-kernel fails as
-# it loads it ("'NoneType' object does not support the context manager protocol", from the kernel's
-# cache_key), so every ComfyUI start after the first would fail its first sample. Reproduced on the H100 with
-# torch 2.11.0+cu130 (a LayerNorm over 3072 channels compiled with multi-kernel: the second process with the
-# same cache directory fails, with the graph cache off the second and third run). The blocks' graphs are then
-# lowered again in each process; Triton's own cache still keeps their kernels' compiles.
-REDUCTION_CHOICE = {"triton.multi_kernel": 1, "fx_graph_cache": False}
-
-
 def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: bool = False,
                    pick_reductions: bool = True) -> KontextTransformer:
     """torch.compile each transformer block (CUDA): Inductor fuses the elementwise work (norms, RoPE,
@@ -356,18 +341,26 @@ def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: boo
     it. Per block, not whole-model: the 19 double and 38 single blocks share two graphs, so the first
     step compiles twice, not 57 times. mode="reduce-overhead" replays each block as a CUDA graph. tune:
     Inductor also tunes each generated kernel's launch parameters (coordinate descent; longer first step).
-    pick_reductions: REDUCTION_CHOICE (False: Inductor's defaults, as a plain torch.compile has them)."""
+    pick_reductions: the LayerNorms' rows reduced in one pass (`inductor_choices.py`; False: Inductor's
+    defaults, as a plain torch.compile has them)."""
     if mode not in (None, "reduce-overhead"):
         raise ValueError(f"compile_blocks: mode {mode!r}; expected None or 'reduce-overhead'")
-    options = dict(REDUCTION_CHOICE) if pick_reductions else {}
+    options = {}
     if tune:
         options["coordinate_descent_tuning"] = True
     # torch.compile takes a mode or options, not both; "reduce-overhead" is Inductor's CUDA graphs option.
     kwargs = {"mode": mode} if not options else {"options": options | {"triton.cudagraphs": mode == "reduce-overhead"}}
-    for block in list(model.double_blocks) + list(model.single_blocks):
-        block.compile(**kwargs)
+    compiled = list(model.double_blocks) + list(model.single_blocks)
     if getattr(model, "fused_modulation", None) is not None:  # (ComfyUI's Flux, compiled by the benchmarks, has none)
-        model.fused_modulation.compile(**kwargs)
+        compiled.append(model.fused_modulation)
+    for module in compiled:
+        module.compile(**kwargs)
+        if pick_reductions:
+            from .inductor_choices import with_persistent_rows
+
+            # nn.Module.compile keeps its compiled call here; the wrapper runs it (and so the compilation at its
+            # first calls) with the choices installed.
+            module._compiled_call_impl = with_persistent_rows(module._compiled_call_impl)
     return model
 
 
