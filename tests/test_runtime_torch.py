@@ -193,8 +193,9 @@ def test_a_block_with_fused_modulation_says_so_when_called_alone(calibrated):
 
 @torch.no_grad()
 def test_compiled_blocks_give_the_uncompiled_outputs(calibrated):
-    """compile_blocks' Inductor options (REDUCTION_CHOICE) are ones torch.compile takes, and compiling changes
-    no number beyond float32 summation order (Inductor's CPU backend here; the options it sets are for CUDA's)."""
+    """compile_blocks (its blocks' calls wrapped to install the pack's Inductor choices) runs, and compiling
+    changes no number beyond float32 summation order (Inductor's CPU backend here; the choices are for its
+    Triton reductions, checked in test_compile_cache.py on the GPU)."""
     from engines.runtime_torch import compile_blocks
 
     _, sd, state, held = calibrated
