@@ -29,7 +29,7 @@ Variants:
   pack_fp8_attn_compile_inductor_gelu  the same with the MLPs' GELU + FP8 quantization left to Inductor, not
                         the fused kernel (gelu_fp8_triton.py)
   pack_fp8_attn_compile_default_reductions  the same with Inductor's default choice of reduction kernels
-                        (no multi-kernel: the LayerNorms loop over their rows; runtime_torch.REDUCTION_CHOICE)
+                        (the LayerNorms loop over their rows; engines/inductor_choices.py is not installed)
   pack_fp8_attn_compile_tuned  the same with Inductor's coordinate-descent tuning of its kernels
   pack_fp8_attn_cudagraphs  the same with mode="reduce-overhead": each block replayed as a CUDA graph
   pack_fp8_attn_compile_graphed  pack_fp8_attn_compile with the whole step replayed as one CUDA graph

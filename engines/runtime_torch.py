@@ -345,19 +345,17 @@ def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: boo
     defaults, as a plain torch.compile has them)."""
     if mode not in (None, "reduce-overhead"):
         raise ValueError(f"compile_blocks: mode {mode!r}; expected None or 'reduce-overhead'")
-    options = {}
-    if tune:
-        options["coordinate_descent_tuning"] = True
-    # torch.compile takes a mode or options, not both; "reduce-overhead" is Inductor's CUDA graphs option.
-    kwargs = {"mode": mode} if not options else {"options": options | {"triton.cudagraphs": mode == "reduce-overhead"}}
+    kwargs = {"mode": mode}
+    if tune:  # torch.compile takes a mode or options, not both; "reduce-overhead" is Inductor's CUDA graphs option
+        kwargs = {"options": {"coordinate_descent_tuning": True, "triton.cudagraphs": mode == "reduce-overhead"}}
     compiled = list(model.double_blocks) + list(model.single_blocks)
     if getattr(model, "fused_modulation", None) is not None:  # (ComfyUI's Flux, compiled by the benchmarks, has none)
         compiled.append(model.fused_modulation)
+    if pick_reductions:
+        from .inductor_choices import with_persistent_rows
     for module in compiled:
         module.compile(**kwargs)
         if pick_reductions:
-            from .inductor_choices import with_persistent_rows
-
             # nn.Module.compile keeps its compiled call here; the wrapper runs it (and so the compilation at its
             # first calls) with the choices installed.
             module._compiled_call_impl = with_persistent_rows(module._compiled_call_impl)

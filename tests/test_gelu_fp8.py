@@ -24,6 +24,16 @@ def reference(x, prefix, scale):
     return (torch.cat(parts, dim=1) / scale).clamp(-FP8_MAX, FP8_MAX)
 
 
+def fp8_linear(g, n_in, n_out, device="cpu", bias_dtype=torch.float32):
+    """An FP8Linear with random weights and bias, its input scale fixed at 4 / 448."""
+    from engines.runtime_torch import FP8Linear
+
+    w = torch.randn(n_out, n_in, generator=g)
+    s = w.abs().max() / FP8_MAX
+    return FP8Linear(quantize_fp8(w, s), s, torch.randn(n_out, generator=g).to(bias_dtype),
+                     torch.tensor(4.0 / FP8_MAX)).to(device)
+
+
 @pytest.fixture
 def interpreted():
     return interpreted_kernel_module("engines.gelu_fp8_triton")
@@ -62,23 +72,17 @@ def test_kernel_refuses_inputs_it_cannot_read_by_name(interpreted):
 def test_backend_mlps_fall_back_to_the_modules_they_replace_off_the_gpu():
     """Where the kernel does not run (here: a CPU), FP8GELUMLP and FP8SingleStreamBlock compute exactly what the
     Sequential and SingleStreamBlock do."""
-    from engines.runtime_torch import FP8GELUMLP, FP8Linear, FP8SingleStreamBlock, SigmoidGELU
+    from engines.runtime_torch import FP8GELUMLP, FP8SingleStreamBlock, SigmoidGELU
     from engines.transformer import SingleStreamBlock
     from engines import tiny_config
 
     g = torch.Generator().manual_seed(3)
-
-    def fp8_linear(n_in, n_out):
-        w = torch.randn(n_out, n_in, generator=g)
-        return FP8Linear(quantize_fp8(w, w.abs().max() / FP8_MAX), w.abs().max() / FP8_MAX, torch.randn(n_out, generator=g),
-                         torch.tensor(4.0 / FP8_MAX))
-
-    mlp = torch.nn.Sequential(fp8_linear(128, 512), SigmoidGELU(), fp8_linear(512, 128))
+    mlp = torch.nn.Sequential(fp8_linear(g, 128, 512), SigmoidGELU(), fp8_linear(g, 512, 128))
     x = torch.randn(2, 9, 128, generator=g)
     assert torch.equal(FP8GELUMLP(*mlp)(x), mlp(x))
 
     block = SingleStreamBlock(tiny_config())
-    block.linear2 = fp8_linear(128 + 512, 128)
+    block.linear2 = fp8_linear(g, 128 + 512, 128)
     attn, hidden = torch.randn(2, 9, 128, generator=g), torch.randn(2, 9, 512, generator=g)
     want = block.output_projection(attn, hidden)
     block.__class__ = FP8SingleStreamBlock
@@ -106,18 +110,13 @@ def test_gpu_kernel_writes_the_fp8_of_the_pytorch_form(rows, n_prefix, n_hidden)
 @pytest.mark.cuda
 @needs_fp8_gpu
 def test_gpu_fused_mlps_compute_what_the_unfused_ones_do():
-    from engines.runtime_torch import FP8GELUMLP, FP8Linear, FP8SingleStreamBlock, SigmoidGELU, runs_fused_gelu
+    from engines.runtime_torch import FP8GELUMLP, FP8SingleStreamBlock, SigmoidGELU, runs_fused_gelu
     from engines.transformer import SingleStreamBlock
     from engines import tiny_config
 
     g = torch.Generator().manual_seed(4)
-
-    def fp8_linear(n_in, n_out):
-        w = torch.randn(n_out, n_in, generator=g)
-        s = w.abs().max() / FP8_MAX
-        return FP8Linear(quantize_fp8(w, s), s, torch.randn(n_out, generator=g).bfloat16(), torch.tensor(4.0 / FP8_MAX)).cuda()
-
-    mlp = FP8GELUMLP(fp8_linear(128, 512), SigmoidGELU(), fp8_linear(512, 128))
+    cuda_linear = dict(device="cuda", bias_dtype=torch.bfloat16)
+    mlp = FP8GELUMLP(fp8_linear(g, 128, 512, **cuda_linear), SigmoidGELU(), fp8_linear(g, 512, 128, **cuda_linear))
     x = torch.randn(2, 300, 128, generator=g).cuda().bfloat16()
     assert runs_fused_gelu(mlp[2], x, 0, 512)
     fused = mlp(x)
@@ -126,7 +125,7 @@ def test_gpu_fused_mlps_compute_what_the_unfused_ones_do():
     assert ((fused.float() - unfused.float()).norm() / unfused.float().norm()).item() < 1e-2
 
     block = SingleStreamBlock(tiny_config())
-    block.linear2 = fp8_linear(128 + 512, 128)
+    block.linear2 = fp8_linear(g, 128 + 512, 128, **cuda_linear)
     block.__class__ = FP8SingleStreamBlock
     attn = torch.randn(2, 300, 128, generator=g).cuda().bfloat16()
     hidden = torch.randn(2, 300, 512, generator=g).cuda().bfloat16()
