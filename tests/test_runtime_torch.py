@@ -41,7 +41,11 @@ def test_backend_matches_the_calibrated_model(calibrated):
     want, got = step_outputs(fake_quant, held, sigmas), step_outputs(backend, held, sigmas)
     for key in want:
         cos, rel = output_error(want[key], got[key])
-        assert rel < 1e-4, (key, rel)  # the same FP8 numbers; float32 summation order only
+        # The same FP8 numbers: float32 summation order differs, and where it moves a value across the midpoint
+        # between two FP8 steps that value flips, which the blocks after it carry on. How often depends on the
+        # CPU's matmul kernels (1.4e-4 on one lent Xeon, under 1e-4 on another); measured on this model, the
+        # activation scales 1.3x too large give 3.0e-2 to 3.4e-2, no quantization at all 3.5e-2 to 4.3e-2.
+        assert rel < 1e-3, (key, rel)
 
 
 def test_backend_weights_are_fp8_and_smaller(calibrated):
@@ -99,7 +103,8 @@ def test_backend_runs_fp8_attention_as_calibrated(calibrated_with_attention):
         q, k, v = (torch.randn(2, 4, 80, 32, generator=torch.Generator().manual_seed(i)) * float(qz.amax) / 4
                    for i, qz in enumerate(quantizers))
         want, got = want_module(q, k, v), got_module(q, k, v)
-        assert ((want - got).norm() / want.norm()).item() < 1e-5, name
+        # (1.0e-5 on one lent Xeon: FP8 flips as above; unquantized attention of the same inputs: 5.8e-2 / 6.0e-2)
+        assert ((want - got).norm() / want.norm()).item() < 1e-4, name
     # Whole model: the same up to rare flips of a value between neighbouring FP8 steps, which a random-weight
     # model amplifies (measured up to 4.5e-3), still well apart from 16-bit attention (2e-2 and more).
     sigmas = (0.9, 0.5)
