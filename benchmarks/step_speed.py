@@ -301,6 +301,11 @@ def main(argv=None) -> int:
                        peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 2),
                        cosine_to_comfy_bf16=None if cos is None else round(cos, 5),
                        setup_s=round(setup_s, 1), first_step_s=round(first_s, 2))
+            if name.startswith("pack_"):
+                # the tile configs the pack's autotuners kept so far in this process (run to run they can differ)
+                from engines.kernel_ops import autotuned_choices
+
+                row["autotuned"] = autotuned_choices()
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.profile and key == (*shapes[0], batches[0]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable
 
 import torch
@@ -45,3 +46,20 @@ def launch(kernel, tuned_kernel, grid: Callable[[dict], tuple], args: tuple, con
         tuned_kernel[grid](*args, **flags)
     else:
         kernel[grid(config)](*args, **flags, **config)
+
+
+# The pack's autotuned kernels: (name, module in this package, its triton.autotune object).
+AUTOTUNED_KERNELS = (("fp8_attention", "fp8_attention_triton", "tuned_fp8_attention_kernel"),
+                     ("fp8_gemv", "fp8_gemv_triton", "tuned_fp8_gemv_kernel"))
+
+
+def autotuned_choices() -> dict[str, dict[str, str]]:
+    """The config each autotuned kernel picked in this process, per autotuning key (kernel -> {key: config});
+    kernels not imported or not yet called are absent. For the benchmarks: when two configs time within noise,
+    the autotuner's first-call pick can differ between runs or processes, and the kernel's speed with it."""
+    choices = {}
+    for name, module_name, attr in AUTOTUNED_KERNELS:
+        tuner = getattr(sys.modules.get(f"{__package__}.{module_name}"), attr, None)
+        if tuner is not None and tuner.cache:
+            choices[name] = {str(key): str(config) for key, config in tuner.cache.items()}
+    return choices

@@ -128,3 +128,22 @@ def test_fused_kernel_sums_long_flat_attention_in_full_precision():
                         torch.float32)
     want = (v8.float() / FP8_MAX).mean(dim=2, keepdim=True).transpose(1, 2).expand_as(out)
     assert rel(out, want) < 1e-3
+
+
+def test_autotuned_choices_name_the_attention_kernels_pick(triton_interpreter):
+    """kernel_ops.autotuned_choices (what the benchmarks record) reads the pick from the autotuner of the kernel
+    module this package imported. The interpreter runs no autotuning, so the pick is put there as the autotuner
+    would store it."""
+    from engines.kernel_ops import autotuned_choices
+
+    tuner = triton_interpreter.tuned_fp8_attention_kernel
+    saved = dict(tuner.cache)
+    tuner.cache.clear()
+    try:
+        assert "fp8_attention" not in autotuned_choices()
+        tuner.cache[(8704, 128, True)] = triton_interpreter.CONFIGS[4]
+        assert autotuned_choices()["fp8_attention"] == {"(8704, 128, True)": str(triton_interpreter.CONFIGS[4])}
+        assert "BLOCK_M: 128" in str(triton_interpreter.CONFIGS[4])
+    finally:
+        tuner.cache.clear()
+        tuner.cache.update(saved)
