@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Largest shared memory one block may use (opt-in), bytes, per compute capability: the CUDA programming
-# guide's table (99 KB on sm_86 / sm_89 / sm_120, 227 KB on sm_90).
-SHARED_MEMORY_PER_BLOCK = {86: 101376, 89: 101376, 90: 232448, 120: 101376}
-GPUS = {86: "RTX 30xx (no FP8)", 89: "RTX 40xx / L40", 90: "H100 / H200", 120: "RTX 50xx"}
+# guide's table (99 KB on sm_89 / sm_120, 227 KB on sm_90). Only GPUs with FP8 tensor cores run these kernels.
+SHARED_MEMORY_PER_BLOCK = {89: 101376, 90: 232448, 120: 101376}
+GPUS = {89: "RTX 40xx / L40", 90: "H100 / H200", 120: "RTX 50xx"}
 
 
 def kernel_jobs():
