@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from engines import KONTEXT_DEV, random_state_dict, transformer_from_state_dict  # noqa: E402
 from engines.calibrated_state import save_calibrated_state  # noqa: E402
 from engines.calibration import calibration_forward_loop, default_encoded_pairs  # noqa: E402
+from engines.kernel_ops import autotuned_choices  # noqa: E402
 from engines.quantize import output_error, quantize_transformer, use_eager_fp8_fake_quant  # noqa: E402
 from engines.recipes import load_recipe  # noqa: E402
 from comfyui_pack import comfy_flux_model  # noqa: E402
@@ -173,8 +174,6 @@ def main(argv=None) -> int:
         print(f"fp8 cfg {cfg_scale}, {steps} steps: peak {peak:.2f} GiB, {step_s:.3f} s/step", flush=True)
     # Which tile configs the autotuners kept here: their kernels ran slower inside ComfyUI than in step_speed.py
     # in one profiled run (attention 1.343 against 1.278 ms a call), and the pick is one suspect.
-    from engines.kernel_ops import autotuned_choices
-
     result["autotuned"] = autotuned_choices()
     if args.profile:
         # The loader's MODEL against the same MODEL as ComfyUI's own Flux class holds it (conds copied from CPU

@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from engines import INPUT_NAMES, KONTEXT_DEV, random_state_dict, transformer_from_state_dict  # noqa: E402
+from engines.kernel_ops import autotuned_choices  # noqa: E402
 from engines.quantize import output_error, use_eager_fp8_fake_quant  # noqa: E402
 from engines.tokens import edit_ids  # noqa: E402
 
@@ -303,8 +304,6 @@ def main(argv=None) -> int:
                        setup_s=round(setup_s, 1), first_step_s=round(first_s, 2))
             if name.startswith("pack_"):
                 # the tile configs the pack's autotuners kept so far in this process (run to run they can differ)
-                from engines.kernel_ops import autotuned_choices
-
                 row["autotuned"] = autotuned_choices()
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -355,13 +355,14 @@ def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: boo
     defaults, as a plain torch.compile has them)."""
     if mode not in (None, "reduce-overhead"):
         raise ValueError(f"compile_blocks: mode {mode!r}; expected None or 'reduce-overhead'")
-    kwargs = {"mode": mode}
-    if tune:  # torch.compile takes a mode or options, not both; "reduce-overhead" is Inductor's CUDA graphs option
-        kwargs = {"options": {"coordinate_descent_tuning": True, "triton.cudagraphs": mode == "reduce-overhead"}}
+    options = {}
+    if tune:
+        options["coordinate_descent_tuning"] = True
     if autotune_gemms:
-        kwargs = {"options": {**kwargs.get("options", {}), "max_autotune_gemm": True,
-                              "max_autotune_gemm_backends": "ATEN,TRITON", "triton.enable_persistent_tma_matmul": True,
-                              "triton.cudagraphs": mode == "reduce-overhead"}}
+        options |= {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
+                    "triton.enable_persistent_tma_matmul": True}
+    # torch.compile takes a mode or options, not both; "reduce-overhead" is Inductor's CUDA graphs option.
+    kwargs = {"options": options | {"triton.cudagraphs": mode == "reduce-overhead"}} if options else {"mode": mode}
     compiled = list(model.double_blocks) + list(model.single_blocks)
     if getattr(model, "fused_modulation", None) is not None:  # (ComfyUI's Flux, compiled by the benchmarks, has none)
         compiled.append(model.fused_modulation)

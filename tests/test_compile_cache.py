@@ -42,13 +42,14 @@ def test_layer_norm_rows_of_3072_compile_persistent_with_the_packs_choices():
 
 COMPILE_AND_RUN = """
 import sys, torch
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from torch._dynamo.utils import counters
 from engines.inductor_choices import with_persistent_rows
-norm = with_persistent_rows(torch.compile(lambda x, w: torch.nn.functional.layer_norm(x, (3072,)) * w + 1))
+from test_compile_cache import layer_norm_modulated
+norm = with_persistent_rows(torch.compile(layer_norm_modulated))
 x = torch.randn(2048, 3072, device="cuda", dtype=torch.bfloat16)
 w = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
-torch.testing.assert_close(norm(x, w), torch.nn.functional.layer_norm(x, (3072,)) * w + 1, rtol=2e-2, atol=2e-2)
+torch.testing.assert_close(norm(x, w), layer_norm_modulated(x, w), rtol=2e-2, atol=2e-2)
 print("graph cache hits:", counters["inductor"]["fxgraph_cache_hit"])
 """
 
