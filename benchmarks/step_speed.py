@@ -28,6 +28,9 @@ Variants:
                         quantization left to Inductor, not the fused kernel (fp8_attention_inputs_triton.py)
   pack_fp8_attn_compile_inductor_gelu  the same with the MLPs' GELU + FP8 quantization left to Inductor, not
                         the fused kernel (gelu_fp8_triton.py)
+  pack_fp8_attn_compile_fp8_out  the same with attention writing the FP8 inputs of the projections after it
+                        (FP8Attention.output_fp8: a double block's two projections, a single block's linear2
+                        columns) instead of a 16-bit output quantized again (prepared on a CPU-only day)
   pack_fp8_attn_compile_default_reductions  the same with Inductor's default choice of reduction kernels
                         (the LayerNorms loop over their rows; engines/inductor_choices.py is not installed)
   pack_fp8_attn_compile_tuned  the same with Inductor's coordinate-descent tuning of its kernels
@@ -66,7 +69,7 @@ from engines.tokens import edit_ids  # noqa: E402
 GIB = 2**30
 VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "pack_fp8", "pack_fp8_compile",
             "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_unfused_inputs", "pack_fp8_attn_compile_default_reductions",
-            "pack_fp8_attn_compile_inductor_gelu",
+            "pack_fp8_attn_compile_inductor_gelu", "pack_fp8_attn_compile_fp8_out",
             "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs", "pack_fp8_attn_compile_autotune",
             "pack_fp8_attn_compile_autotune_inductor_gelu", "pack_fp8_attn_compile_autotune_tma",
             "pack_fp8_attn_compile_graphed")
@@ -158,13 +161,20 @@ def make_variant(name: str, sd: dict, cfg, device):
             for module in model.modules():
                 if isinstance(module, FP8Attention):
                     module.fused_inputs = False
+        if name.endswith("_fp8_out"):
+            from engines.fp8_attention import FP8Attention
+
+            for module in model.modules():
+                if isinstance(module, FP8Attention):
+                    module.output_fp8 = True
         if "_inductor_gelu" in name or name.endswith("_autotune_tma"):
             from engines.runtime_torch import FP8GELUMLP, FP8SingleStreamBlock
 
             for module in model.modules():
                 if isinstance(module, (FP8GELUMLP, FP8SingleStreamBlock)):
                     module.fused_gelu = False
-        if name.endswith(("_compile", "_compile_graphed", "_compile_unfused_inputs", "_compile_inductor_gelu")):
+        if name.endswith(("_compile", "_compile_graphed", "_compile_unfused_inputs", "_compile_inductor_gelu",
+                          "_compile_fp8_out")):
             compile_blocks(model)
         elif name.endswith("_compile_default_reductions"):
             compile_blocks(model, pick_reductions=False)

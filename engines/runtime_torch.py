@@ -225,11 +225,43 @@ class FP8GELUMLP(nn.Sequential):
         return fused_gelu_linear(fc2, hidden)
 
 
+def _attention_gelu_fp8(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, hidden: Tensor, scale: Tensor) -> Tensor:
+    from .fp8_attention_triton import fp8_attention_scaled_out
+    from .gelu_fp8_triton import gelu_fp8
+
+    batch, heads, seq_len, head_dim = q8.shape
+    width = heads * head_dim
+    out = q8.new_empty((batch * seq_len, width + hidden.shape[-1]))
+    fp8_attention_scaled_out(q8, k8, vt8, scales, [out[:, :width].view(batch, seq_len, heads, head_dim)], [scale])
+    gelu_fp8(hidden.reshape(batch * seq_len, -1), scale, out=out[:, width:])
+    return out
+
+
+def _attention_gelu_fp8_shape(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, hidden: Tensor, scale: Tensor
+                              ) -> Tensor:
+    batch, heads, seq_len, head_dim = q8.shape
+    return q8.new_empty((batch * seq_len, heads * head_dim + hidden.shape[-1]))
+
+
+# A single block's linear2 input [attention | GELU(MLP-in)] in FP8, each kernel writing its columns of one buffer.
+fused_attention_gelu_fp8 = custom_op("attention_gelu_fp8", _attention_gelu_fp8, _attention_gelu_fp8_shape)
+
+
 class FP8SingleStreamBlock(SingleStreamBlock):
     """A single block whose linear2 input, [attention output, GELU(MLP-in)], is made in FP8 in one pass
-    (gelu_fp8_triton.py) where that kernel runs; elsewhere SingleStreamBlock's."""
+    (gelu_fp8_triton.py) where that kernel runs; elsewhere SingleStreamBlock's. With the attention's
+    output_fp8, the attention kernel writes its columns of that input itself."""
 
     fused_gelu = True
+
+    def attend_projected(self, stream: tuple[Tensor, Tensor, Tensor, nn.Module], pe: Tensor, mlp: Tensor) -> Tensor:
+        attention, q = self.attention, stream[0]
+        if not (isinstance(attention, FP8Attention) and attention.output_fp8 and attention.runs_fused(q.device)
+                and self.fused_gelu and runs_fused_gelu(self.linear2, mlp, q.shape[1] * q.shape[3], mlp.shape[-1])):
+            return super().attend_projected(stream, pe, mlp)
+        x8 = fused_attention_gelu_fp8(*attention.quantized_inputs([stream], pe), attention.scales, mlp,
+                                      self.linear2.input_scale)
+        return self.linear2.matmul_fp8(x8, mlp.dtype).unflatten(0, mlp.shape[:2])
 
     def output_projection(self, attn: Tensor, mlp: Tensor) -> Tensor:
         if not (self.fused_gelu and runs_fused_gelu(self.linear2, attn, attn.shape[-1], mlp.shape[-1])):
