@@ -222,7 +222,8 @@ def test_gpu_blocks_with_fp8_attention_output_compute_what_they_did():
 
 def test_scaled_output_ops_compile(kernels_on_the_cpu):
     """torch.compile traces both new custom ops (their fake forms: a list of per-stream outputs, linear2's input)
-    and gets what eager does."""
+    and gets what eager does, for two token counts: the second call recompiles with them symbolic, as Dynamo
+    does when ComfyUI changes resolution."""
     from engines.runtime_torch import FP8SingleStreamBlock
 
     streams, pe = make_streams([24, 40], seed=13)
@@ -232,16 +233,19 @@ def test_scaled_output_ops_compile(kernels_on_the_cpu):
     projections = [fp8_linear(g, HEADS * HEAD_DIM, 50, bias_dtype=torch.bfloat16) for _ in streams]
     compiled = torch.compile(attention.attend_projected, fullgraph=True, backend="aot_eager")
     with torch.no_grad():  # as ComfyUI samples (the QK-norms' scales are parameters here)
-        for got, want in zip(compiled(streams, pe, projections), attention.attend_projected(streams, pe, projections)):
-            assert got.shape == want.shape and torch.equal(got, want)
+        for streams, pe in ((streams, pe), make_streams([16, 52], seed=16)):
+            for got, want in zip(compiled(streams, pe, projections), attention.attend_projected(streams, pe, projections)):
+                assert got.shape == want.shape and torch.equal(got, want)
 
         cfg = tiny_config()
         block = FP8SingleStreamBlock(cfg, dtype=torch.bfloat16)
-        stream, pe, mlp = single_block_inputs(block, cfg, seq_len=45, seed=15)
-        block.attention.output_fp8 = True
-        want = block.attend_projected(stream, pe, mlp)
-        got = torch.compile(block.attend_projected, fullgraph=True, backend="aot_eager")(stream, pe, mlp)
-        assert got.shape == want.shape and torch.equal(got, want)
+        compiled = torch.compile(block.attend_projected, fullgraph=True, backend="aot_eager")
+        for seq_len in (45, 61):
+            stream, pe, mlp = single_block_inputs(block, cfg, seq_len=seq_len, seed=seq_len)
+            block.attention.output_fp8 = True
+            want = block.attend_projected(stream, pe, mlp)
+            got = compiled(stream, pe, mlp)
+            assert got.shape == want.shape and torch.equal(got, want)
 
 
 @torch.no_grad()
