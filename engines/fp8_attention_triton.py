@@ -139,7 +139,8 @@ CONFIGS = [
     triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
 ]
-tuned_fp8_attention_kernel = triton.autotune(configs=CONFIGS, key=["seq_len", "HEAD_DIM", "PROMOTE_PV", "SCALE_OUT"])(fp8_attention_kernel)
+tuned_fp8_attention_kernel = triton.autotune(configs=CONFIGS, key=["seq_len", "HEAD_DIM", "PROMOTE_PV", "SCALE_OUT"]
+                                             )(fp8_attention_kernel)
 
 
 def check_attention_inputs(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales: torch.Tensor,

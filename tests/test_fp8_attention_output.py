@@ -50,8 +50,8 @@ def test_kernel_refuses_outputs_it_cannot_fill_by_name(interpreted):
     vt8 = v8.transpose(-1, -2).contiguous()
     s = torch.tensor([0.01])
     with pytest.raises(ValueError, match=r"the outs' rows \[10, 50\] must add up to the 64 tokens"):
-        interpreted.fp8_attention_scaled_out(q8, k8, vt8, scales, [torch.empty(1, 10, 2, 32), torch.empty(1, 50, 2, 32)],
-                                             [s, s])
+        interpreted.fp8_attention_scaled_out(q8, k8, vt8, scales,
+                                             [torch.empty(1, 10, 2, 32), torch.empty(1, 50, 2, 32)], [s, s])
     with pytest.raises(ValueError, match=r"outs\[0\] must be \[1, rows, 2, 32\] with its last dimension contiguous, "
                                          r"got shape \(1, 64, 64\)"):
         interpreted.fp8_attention_scaled_out(q8, k8, vt8, scales, [torch.empty(1, 64, 64)], [s])
@@ -64,17 +64,18 @@ def kernels_on_the_cpu(monkeypatch, interpreted):
     """The backend's fused path, which runs where the Triton kernels do, taken here with the kernels under Triton's
     CPU interpreter (and FP8Linear.matmul_fp8's torch._scaled_mm, which PyTorch also runs on the CPU)."""
     import engines.fp8_attention
+    import engines.fp8_gemv_triton
+    import engines.gelu_fp8_triton
     import engines.runtime_torch
 
     for module in (engines.fp8_attention, engines.runtime_torch):
         monkeypatch.setattr(module, "triton_fp8_kernels_available", lambda device: True)
-    # The interpreter cannot time configs: the autotuner given one runs it untimed.
-    monkeypatch.setattr(interpreted.tuned_fp8_attention_kernel, "configs", [dict_config(BLOCK_M=64, BLOCK_N=64)])
+    # The interpreter cannot time configs: an autotuner given one runs it untimed.
+    monkeypatch.setattr(interpreted.tuned_fp8_attention_kernel, "configs", interpreted.CONFIGS[3:4])  # 64 x 64
+    monkeypatch.setattr(engines.fp8_gemv_triton.tuned_fp8_gemv_kernel, "configs", engines.fp8_gemv_triton.CONFIGS[:1])
     # The interpreter rounds some FP32 values that should round up into the next binade down to half (see
     # fp8_attention_triton.fp8_attention), ~1% of them: the kernels that write FP8 write FP32 here and PyTorch
     # rounds it, as the GPU's conversion does.
-    import engines.gelu_fp8_triton
-
     scaled_out, gelu_fp8 = interpreted.fp8_attention_scaled_out, engines.gelu_fp8_triton.gelu_fp8
 
     def scaled_out_rounded(q8, k8, vt8, scales, outs, out_scales, **kw):
@@ -89,16 +90,6 @@ def kernels_on_the_cpu(monkeypatch, interpreted):
 
     monkeypatch.setattr(interpreted, "fp8_attention_scaled_out", scaled_out_rounded)
     monkeypatch.setattr(engines.gelu_fp8_triton, "gelu_fp8", gelu_fp8_rounded)
-    import engines.fp8_gemv_triton
-
-    monkeypatch.setattr(engines.fp8_gemv_triton.tuned_fp8_gemv_kernel, "configs",
-                        engines.fp8_gemv_triton.CONFIGS[:1])
-
-
-def dict_config(**tiles):
-    import triton
-
-    return triton.Config(tiles, num_warps=4, num_stages=2)
 
 
 # The FP8 of the FP32 output against the FP8 of its BF16 rounding (which the interpreter truncates toward zero):
@@ -192,13 +183,14 @@ def test_gpu_kernel_writes_the_fp8_of_its_16_bit_output(lengths):
 def test_gpu_blocks_with_fp8_attention_output_compute_what_they_did():
     """A double block's projections and a single block's linear2 with output_fp8, eager and compiled, against the
     16-bit attention output path."""
+    from engines.runtime_torch import FP8SingleStreamBlock
+
     streams, pe = make_streams([64, 1000], device="cuda", seed=11)
     attention = FP8Attention(*scales_for(streams, pe).cuda())
     g = torch.Generator().manual_seed(12)
     projections = [fp8_linear(g, HEADS * HEAD_DIM, 256, device="cuda", bias_dtype=torch.bfloat16) for _ in streams]
     for p in projections:
         p.input_scale = attention.attend(streams, pe).float().abs().amax() / FP8_MAX
-    from engines.runtime_torch import FP8SingleStreamBlock
 
     def cosine(a, b):
         return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
@@ -234,8 +226,9 @@ def test_scaled_output_ops_compile(kernels_on_the_cpu):
     compiled = torch.compile(attention.attend_projected, fullgraph=True, backend="aot_eager")
     with torch.no_grad():  # as ComfyUI samples (the QK-norms' scales are parameters here)
         for streams, pe in ((streams, pe), make_streams([16, 52], seed=16)):
-            for got, want in zip(compiled(streams, pe, projections), attention.attend_projected(streams, pe, projections)):
-                assert got.shape == want.shape and torch.equal(got, want)
+            want = attention.attend_projected(streams, pe, projections)
+            for got, w in zip(compiled(streams, pe, projections), want):
+                assert got.shape == w.shape and torch.equal(got, w)
 
         cfg = tiny_config()
         block = FP8SingleStreamBlock(cfg, dtype=torch.bfloat16)
@@ -267,7 +260,7 @@ def test_whole_backend_takes_the_fp8_output_path_in_every_block(kernels_on_the_c
     assert len(attentions) == 3  # one double block, two single blocks
     want = step_outputs(backend, held, (0.9,))
     calls = {"16-bit": 0, "scaled": []}
-    sixteen_bit, scaled = kernels.fp8_attention, kernels.fp8_attention_scaled_out
+    sixteen_bit, scaled_out = kernels.fp8_attention, kernels.fp8_attention_scaled_out
 
     def count_16_bit(*args, **kw):
         calls["16-bit"] += 1
@@ -275,7 +268,7 @@ def test_whole_backend_takes_the_fp8_output_path_in_every_block(kernels_on_the_c
 
     def count_scaled(q8, k8, vt8, scales, outs, out_scales, **kw):
         calls["scaled"].append(len(outs))
-        return scaled(q8, k8, vt8, scales, outs, out_scales, **kw)
+        return scaled_out(q8, k8, vt8, scales, outs, out_scales, **kw)
 
     monkeypatch.setattr(kernels, "fp8_attention", count_16_bit)
     monkeypatch.setattr(kernels, "fp8_attention_scaled_out", count_scaled)
