@@ -28,19 +28,9 @@ Variants:
                         quantization left to Inductor, not the fused kernel (fp8_attention_inputs_triton.py)
   pack_fp8_attn_compile_inductor_gelu  the same with the MLPs' GELU + FP8 quantization left to Inductor, not
                         the fused kernel (gelu_fp8_triton.py)
-  pack_fp8_attn_compile_fp8_out  the same with attention writing the FP8 inputs of the projections after it
-                        (FP8Attention.output_fp8: a double block's two projections, a single block's linear2
-                        columns) instead of a 16-bit output quantized again (prepared on a CPU-only day)
   pack_fp8_attn_compile_default_reductions  the same with Inductor's default choice of reduction kernels
                         (the LayerNorms loop over their rows; engines/inductor_choices.py is not installed)
   pack_fp8_attn_compile_tuned  the same with Inductor's coordinate-descent tuning of its kernels
-  pack_fp8_attn_compile_autotune  the same with Inductor's max-autotune for the FP8 GEMMs: its Triton GEMM
-                        templates, with the elementwise work after each GEMM fused into them, timed against
-                        cuBLAS per GEMM (prepared on a CPU-only day; not yet run on a GPU)
-  pack_fp8_attn_compile_autotune_inductor_gelu  the same with the GELU + FP8 quantization left to Inductor, so
-                        it can go into the MLP up-projection's template
-  pack_fp8_attn_compile_autotune_tma  autotune with every bias added after its GEMM, which makes Inductor's
-                        TMA templates eligible (torch 2.11's take no bias) and GELU left to Inductor
   pack_fp8_attn_cudagraphs  the same with mode="reduce-overhead": each block replayed as a CUDA graph
   pack_fp8_attn_compile_graphed  pack_fp8_attn_compile with the whole step replayed as one CUDA graph
                         (engines/cuda_graph_step.py, the loader's cuda_graph input)
@@ -69,9 +59,8 @@ from engines.tokens import edit_ids  # noqa: E402
 GIB = 2**30
 VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "pack_fp8", "pack_fp8_compile",
             "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_unfused_inputs", "pack_fp8_attn_compile_default_reductions",
-            "pack_fp8_attn_compile_inductor_gelu", "pack_fp8_attn_compile_fp8_out",
-            "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs", "pack_fp8_attn_compile_autotune",
-            "pack_fp8_attn_compile_autotune_inductor_gelu", "pack_fp8_attn_compile_autotune_tma",
+            "pack_fp8_attn_compile_inductor_gelu",
+            "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs",
             "pack_fp8_attn_compile_graphed")
 
 
@@ -161,31 +150,16 @@ def make_variant(name: str, sd: dict, cfg, device):
             for module in model.modules():
                 if isinstance(module, FP8Attention):
                     module.fused_inputs = False
-        if name.endswith("_fp8_out"):
-            from engines.fp8_attention import FP8Attention
-
-            for module in model.modules():
-                if isinstance(module, FP8Attention):
-                    module.output_fp8 = True
-        if "_inductor_gelu" in name or name.endswith("_autotune_tma"):
+        if name.endswith("_inductor_gelu"):
             from engines.runtime_torch import FP8GELUMLP, FP8SingleStreamBlock
 
             for module in model.modules():
                 if isinstance(module, (FP8GELUMLP, FP8SingleStreamBlock)):
                     module.fused_gelu = False
-        if name.endswith(("_compile", "_compile_graphed", "_compile_unfused_inputs", "_compile_inductor_gelu",
-                          "_compile_fp8_out")):
+        if name.endswith(("_compile", "_compile_graphed", "_compile_unfused_inputs", "_compile_inductor_gelu")):
             compile_blocks(model)
         elif name.endswith("_compile_default_reductions"):
             compile_blocks(model, pick_reductions=False)
-        elif "_compile_autotune" in name:
-            if name.endswith("_tma"):
-                from engines.runtime_torch import FP8Linear
-
-                for module in model.modules():
-                    if isinstance(module, FP8Linear):
-                        module.bias_after_gemm = True
-            compile_blocks(model, autotune_gemms=True)
         elif name.endswith("_compile_tuned"):
             compile_blocks(model, tune=True)
         elif name.endswith("_cudagraphs"):

@@ -38,27 +38,6 @@ def _fused_shape(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, out_dtype:
 fused_fp8_attention = custom_op("fp8_attention", _fused, _fused_shape)
 
 
-def _fused_scaled_out(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, out_scales: list[Tensor],
-                      lengths: list[int]) -> list[Tensor]:
-    from .fp8_attention_triton import fp8_attention_scaled_out
-
-    batch, heads, _, head_dim = q8.shape
-    outs = [q8.new_empty((batch, length, heads * head_dim)) for length in lengths]
-    fp8_attention_scaled_out(q8, k8, vt8, scales, [o.view(batch, o.shape[1], heads, head_dim) for o in outs],
-                             out_scales)
-    return outs
-
-
-def _fused_scaled_out_shape(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, out_scales: list[Tensor],
-                            lengths: list[int]) -> list[Tensor]:
-    batch, heads, _, head_dim = q8.shape
-    return [q8.new_empty((batch, length, heads * head_dim)) for length in lengths]
-
-
-# The attention of consecutive token ranges (a double block's streams), each in FP8 at its projection's input scale.
-fused_fp8_attention_scaled_out = custom_op("fp8_attention_scaled_out", _fused_scaled_out, _fused_scaled_out_shape)
-
-
 def _inputs(qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], q_norms: list[Tensor], k_norms: list[Tensor],
             pe: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     from .fp8_attention_inputs_triton import fp8_attention_inputs
@@ -151,39 +130,11 @@ class FP8Attention(Attention):
             out = fp8_attention_reference(q8, k8, quantize_fp8(v, v_scale), self.scales, q.dtype)
         return out.flatten(2)
 
-    def runs_fused(self, device: torch.device) -> bool:
-        """Whether `attend` runs as the two fused kernels on device."""
-        return self.fused_inputs and triton_fp8_kernels_available(device)
-
-    def quantized_inputs(self, streams: list[tuple[Tensor, Tensor, Tensor, nn.Module]], pe: Tensor
-                         ) -> tuple[Tensor, Tensor, Tensor]:
-        """The fused kernel's FP8 Q, K and V^T from the streams (runs_fused must hold)."""
-        return fused_fp8_attention_inputs(
-            [s[0] for s in streams], [s[1] for s in streams], [s[2] for s in streams],
-            [s[3].query_norm.scale for s in streams], [s[3].key_norm.scale for s in streams], pe, self.scales)
-
     def attend(self, streams: list[tuple[Tensor, Tensor, Tensor, nn.Module]], pe: Tensor) -> Tensor:
         q = streams[0][0]
-        if not self.runs_fused(q.device):
+        if not (self.fused_inputs and triton_fp8_kernels_available(q.device)):
             return super().attend(streams, pe)
-        return fused_fp8_attention(*self.quantized_inputs(streams, pe), self.scales, q.dtype).flatten(2)
-
-    # Whether attention writes the FP8 inputs of the projections after it (attend_projected; runtime_torch's
-    # FP8SingleStreamBlock for linear2) instead of a 16-bit output that a quantization pass reads again.
-    # Counted, ~2 ms a step at 8704 tokens on an H100; not yet measured, so off but for the benchmark's variant.
-    output_fp8 = False
-
-    def attend_projected(self, streams: list[tuple[Tensor, Tensor, Tensor, nn.Module]], pe: Tensor,
-                         projections: list[nn.Module]) -> list[Tensor]:
-        q = streams[0][0]
-        if not (self.output_fp8 and self.runs_fused(q.device) and all(map(takes_fp8_input, projections))):
-            return super().attend_projected(streams, pe, projections)
-        outs = fused_fp8_attention_scaled_out(*self.quantized_inputs(streams, pe), self.scales,
-                                              [p.input_scale for p in projections], [s[0].shape[2] for s in streams])
-        return [p.matmul_fp8(o.flatten(0, 1), q.dtype).unflatten(0, o.shape[:2]) for p, o in zip(projections, outs)]
-
-
-def takes_fp8_input(projection: nn.Module) -> bool:
-    """A runtime_torch.FP8Linear that quantizes its input (matmul_fp8 then takes it in FP8 at input_scale). Told by
-    its attributes: runtime_torch imports this module."""
-    return getattr(projection, "input_scale", None) is not None and callable(getattr(projection, "matmul_fp8", None))
+        q8, k8, vt8 = fused_fp8_attention_inputs(
+            [s[0] for s in streams], [s[1] for s in streams], [s[2] for s in streams],
+            [s[3].query_norm.scale for s in streams], [s[3].key_norm.scale for s in streams], pe, self.scales)
+        return fused_fp8_attention(q8, k8, vt8, self.scales, q.dtype).flatten(2)

@@ -14,9 +14,7 @@ normalized P; O is divided by the row sum at the end, in FP32.
 
 Layouts: Q and K [B, H, L, D] (any strides, D contiguous); V given transposed, [B, H, D, L] with L
 contiguous, because FP8 tensor-core MMAs on Hopper take both operands K-major and P x V reduces over L.
-O is written as [B, L, H, D] in the output dtype, so the caller's [B, L, H*D] is a free view; or
-(fp8_attention_scaled_out) in FP8 at the calibrated input scales of the GEMMs after attention, rows split
-between two outputs where a double block's streams go to two projections.
+O is written as [B, L, H, D] in the output dtype, so the caller's [B, L, H*D] is a free view.
 """
 from __future__ import annotations
 
@@ -67,16 +65,13 @@ def _attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, seq_len, qk_scale,
 
 
 @triton.jit
-def fp8_attention_kernel(Q, K, Vt, O, O2, Scales, OutScale, OutScale2, sm_scale_log2, seq_len, split, num_heads,
+def fp8_attention_kernel(Q, K, Vt, O, Scales, sm_scale_log2, seq_len, num_heads,
                          stride_qb, stride_qh, stride_ql,
                          stride_kb, stride_kh, stride_kl,
                          stride_vb, stride_vh, stride_vd,
                          stride_ob, stride_oh, stride_ol,
-                         stride_o2b, stride_o2h, stride_o2l,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr, SCALE_OUT: tl.constexpr):
-    """SCALE_OUT: rows [0, split) go to O divided by OutScale, rows [split, seq_len) to O2 (at row - split) divided
-    by OutScale2, both saturated to FP8's range; else every row to O as it is (split, O2 and the out scales unused)."""
+                         QUANTIZE_P: tl.constexpr, PROMOTE_PV: tl.constexpr):
     start_m = tl.program_id(0)
     qk_scale = tl.load(Scales) * tl.load(Scales + 1) * sm_scale_log2
     v_scale = tl.load(Scales + 2)
@@ -106,22 +101,9 @@ def fp8_attention_kernel(Q, K, Vt, O, O2, Scales, OutScale, OutScale2, sm_scale_
                                       v_ptrs + full_blocks_end, full_blocks_end, seq_len, qk_scale, BLOCK_N, True, QUANTIZE_P,
                                       PROMOTE_PV)
 
-    in_seq = offs_m < seq_len
-    if SCALE_OUT:
-        # Straight into the FP8 input of the GEMM after attention (its calibrated input scale), so the output is
-        # written once in 8 bits, not in 16 and read again by a quantization pass: a double block's text rows
-        # and image rows go to their own projections, so to two outputs with two scales.
-        first = offs_m < split
-        out_scale = tl.where(first, tl.load(OutScale), tl.load(OutScale2))
-        out = tl.clamp(acc * (v_scale / (l_i * out_scale))[:, None], -448.0, 448.0)
-        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(first & in_seq)[:, None])
-        o2_ptrs = O2 + b * stride_o2b + h * stride_o2h + (offs_m - split)[:, None] * stride_o2l + offs_d[None, :]
-        tl.store(o2_ptrs, out.to(O2.dtype.element_ty), mask=(~first & in_seq)[:, None])
-    else:
-        out = acc * (v_scale / l_i)[:, None]  # l_i sums 448 P, as acc does
-        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=in_seq[:, None])
+    out = acc * (v_scale / l_i)[:, None]  # l_i sums 448 P, as acc does
+    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < seq_len)
 
 
 # Candidates for the autotuner (best kept per sequence length and head width, timed at the first call).
@@ -139,36 +121,7 @@ CONFIGS = [
     triton.Config(dict(BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3),
     triton.Config(dict(BLOCK_M=128, BLOCK_N=64), num_warps=8, num_stages=3),
 ]
-tuned_fp8_attention_kernel = triton.autotune(configs=CONFIGS, key=["seq_len", "HEAD_DIM", "PROMOTE_PV", "SCALE_OUT"]
-                                             )(fp8_attention_kernel)
-
-
-def check_attention_inputs(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales: torch.Tensor,
-                           caller: str) -> None:
-    batch, heads, seq_len, head_dim = q8.shape
-    for name, t, shape in (("k8", k8, q8.shape), ("vt8", vt8, (batch, heads, head_dim, seq_len))):
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{caller}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    for name, t in (("q8", q8), ("k8", k8), ("vt8", vt8)):
-        if t.dtype != torch.float8_e4m3fn or t.stride(-1) != 1:
-            raise ValueError(f"{caller}: {name} must be float8_e4m3fn with a contiguous last dimension, "
-                             f"got {t.dtype} with strides {t.stride()}")
-    if head_dim not in (16, 32, 64, 128, 256):
-        raise ValueError(f"{caller}: head width {head_dim}; the kernel takes 16, 32, 64, 128 or 256")
-    check_qkv_scales(scales, caller)
-
-
-def _launch(q8, k8, vt8, scales, out, out2, out_scale, out_scale2, split, config, scale_out, quantize_p, promote_pv):
-    batch, heads, seq_len, head_dim = q8.shape
-    args = (q8, k8, vt8, out, out2, scales, out_scale, out_scale2, head_dim ** -0.5 * LOG2E, seq_len, split, heads,
-            q8.stride(0), q8.stride(1), q8.stride(2),
-            k8.stride(0), k8.stride(1), k8.stride(2),
-            vt8.stride(0), vt8.stride(1), vt8.stride(2),
-            out.stride(0), out.stride(2), out.stride(1),
-            out2.stride(0), out2.stride(2), out2.stride(1))
-    launch(fp8_attention_kernel, tuned_fp8_attention_kernel,
-           lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads), args, config,
-           HEAD_DIM=head_dim, QUANTIZE_P=quantize_p, PROMOTE_PV=promote_pv, SCALE_OUT=scale_out)
+tuned_fp8_attention_kernel = triton.autotune(configs=CONFIGS, key=["seq_len", "HEAD_DIM", "PROMOTE_PV"])(fp8_attention_kernel)
 
 
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales: torch.Tensor,
@@ -183,36 +136,24 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales:
     125.7 -> 64, not 128). promote_pv=False lets P x V accumulate in the MMA's reduced precision across
     all keys (Triton's default on Hopper): only for the benchmark that shows what promotion costs and saves.
     """
-    check_attention_inputs(q8, k8, vt8, scales, "fp8_attention")
     batch, heads, seq_len, head_dim = q8.shape
+    for name, t, shape in (("k8", k8, q8.shape), ("vt8", vt8, (batch, heads, head_dim, seq_len))):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"fp8_attention: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    for name, t in (("q8", q8), ("k8", k8), ("vt8", vt8)):
+        if t.dtype != torch.float8_e4m3fn or t.stride(-1) != 1:
+            raise ValueError(f"fp8_attention: {name} must be float8_e4m3fn with a contiguous last dimension, "
+                             f"got {t.dtype} with strides {t.stride()}")
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(f"fp8_attention: head width {head_dim}; the kernel takes 16, 32, 64, 128 or 256")
+    check_qkv_scales(scales, "fp8_attention")
     out = torch.empty(batch, seq_len, heads, head_dim, device=q8.device, dtype=out_dtype)
-    _launch(q8, k8, vt8, scales, out, out, scales, scales, seq_len, config, False, quantize_p, promote_pv)
+    args = (q8, k8, vt8, out, scales, head_dim ** -0.5 * LOG2E, seq_len, heads,
+            q8.stride(0), q8.stride(1), q8.stride(2),
+            k8.stride(0), k8.stride(1), k8.stride(2),
+            vt8.stride(0), vt8.stride(1), vt8.stride(2),
+            out.stride(0), out.stride(2), out.stride(1))
+    launch(fp8_attention_kernel, tuned_fp8_attention_kernel,
+           lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads), args, config,
+           HEAD_DIM=head_dim, QUANTIZE_P=quantize_p, PROMOTE_PV=promote_pv)
     return out
-
-
-def fp8_attention_scaled_out(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales: torch.Tensor,
-                             outs: list[torch.Tensor], out_scales: list[torch.Tensor], config: dict | None = None,
-                             quantize_p: bool = True) -> None:
-    """The attention of q8, k8, vt8 (as fp8_attention takes them) written into the FP8 inputs of the GEMMs
-    after it: rows [0, L_0) into outs[0] [B, L_0, H, D], the rest into outs[1] [B, L - L_0, H, D] (a double
-    block's text and image rows; one out takes them all), each divided by its out_scales entry (float32, one
-    element, on the device) and saturated to FP8's range. outs: any strides with D contiguous (a column slice of
-    a wider buffer is fine), in FP8, or float32 for tests under Triton's CPU interpreter (see fp8_attention)."""
-    check_attention_inputs(q8, k8, vt8, scales, "fp8_attention_scaled_out")
-    batch, heads, seq_len, head_dim = q8.shape
-    if not 1 <= len(outs) <= 2 or len(out_scales) != len(outs):
-        raise ValueError(f"fp8_attention_scaled_out: one or two outs with one scale each, got {len(outs)} outs and "
-                         f"{len(out_scales)} scales")
-    if sum(o.shape[1] for o in outs) != seq_len:
-        raise ValueError(f"fp8_attention_scaled_out: the outs' rows {[o.shape[1] for o in outs]} must add up to the "
-                         f"{seq_len} tokens")
-    for i, (o, s) in enumerate(zip(outs, out_scales)):
-        if (o.dim() != 4 or (o.shape[0], o.shape[2], o.shape[3]) != (batch, heads, head_dim) or o.stride(-1) != 1):
-            raise ValueError(f"fp8_attention_scaled_out: outs[{i}] must be [{batch}, rows, {heads}, {head_dim}] with "
-                             f"its last dimension contiguous, got shape {tuple(o.shape)} with strides {o.stride()}")
-        if s.numel() != 1 or s.dtype != torch.float32:
-            raise ValueError(f"fp8_attention_scaled_out: out_scales[{i}] must be float32 with one element, got "
-                             f"{s.dtype} {tuple(s.shape)}")
-    out2, scale2 = (outs[1], out_scales[1]) if len(outs) == 2 else (outs[0], out_scales[0])
-    _launch(q8, k8, vt8, scales, outs[0], out2, out_scales[0], scale2, outs[0].shape[1], config, True, quantize_p,
-            True)

@@ -53,12 +53,10 @@ def tile_columns(n_prefix: int, n_x: int) -> int:
 
 
 def gelu_fp8(x: torch.Tensor, scale: torch.Tensor, prefix: torch.Tensor | None = None,
-             out_dtype: torch.dtype = FP8, out: torch.Tensor | None = None) -> torch.Tensor:
+             out_dtype: torch.dtype = FP8) -> torch.Tensor:
     """x [rows, n_x] (16-bit, last dimension contiguous: a column slice of a wider tensor is fine), prefix
     [rows, n_prefix] or None, scale float32 with one element -> out_dtype [rows, n_prefix + n_x].
 
-    out: written instead of a new tensor (out_dtype then unused), any row stride with the columns contiguous,
-    so the result can land in a column slice of a wider buffer that another kernel fills the rest of.
     out_dtype=torch.float32 writes the values before FP8 rounding: for tests under Triton's CPU interpreter,
     whose FP32 -> FP8 conversion mis-rounds (see fp8_attention_triton.fp8_attention)."""
     rows, n_x = x.shape[0], x.shape[-1]
@@ -72,11 +70,7 @@ def gelu_fp8(x: torch.Tensor, scale: torch.Tensor, prefix: torch.Tensor | None =
     block_c = tile_columns(n_prefix, n_x)
     if not block_c:
         raise ValueError(f"gelu_fp8: widths {n_prefix} and {n_x} share no power-of-two tile of >= 16 columns")
-    if out is None:
-        out = torch.empty(rows, n_prefix + n_x, device=x.device, dtype=out_dtype)
-    elif out.dim() != 2 or tuple(out.shape) != (rows, n_prefix + n_x) or out.stride(-1) != 1:
-        raise ValueError(f"gelu_fp8: out must be [{rows}, {n_prefix + n_x}] with its last dimension contiguous, got "
-                         f"shape {tuple(out.shape)} with strides {out.stride()}")
+    out = torch.empty(rows, n_prefix + n_x, device=x.device, dtype=out_dtype)
     block_r = max(1, ELEMENTS_PER_PROGRAM // block_c)
     source = x if prefix is None else prefix
     grid = (triton.cdiv(rows, block_r), (n_prefix + n_x) // block_c)

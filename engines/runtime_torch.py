@@ -63,16 +63,8 @@ class FP8Linear(nn.Module):
         x = (quantize_fp8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
         return F.linear(x, (self.weight.float() * self.weight_scale).to(x.dtype), self.bias)
 
-    # Inductor's TMA templates for _scaled_mm take no bias (torch 2.11): bias_after_gemm adds it after the GEMM, where
-    # a compiled block fuses it into the template's or the next kernel's epilogue (benchmark variant only: where
-    # cuBLAS wins and a custom op reads the output, it is a pass of its own).
-    bias_after_gemm = False
-
     def matmul_fp8(self, x8: Tensor, out_dtype: torch.dtype) -> Tensor:
         """x8 [rows, in_features], already FP8 at input_scale -> [rows, out_features] (FP8 tensor cores)."""
-        if self.bias_after_gemm and self.bias is not None:
-            return torch._scaled_mm(x8, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                                    out_dtype=out_dtype) + self.bias
         return torch._scaled_mm(x8, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
                                 bias=self.bias, out_dtype=out_dtype)
 
@@ -225,43 +217,11 @@ class FP8GELUMLP(nn.Sequential):
         return fused_gelu_linear(fc2, hidden)
 
 
-def _attention_gelu_fp8(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, hidden: Tensor, scale: Tensor) -> Tensor:
-    from .fp8_attention_triton import fp8_attention_scaled_out
-    from .gelu_fp8_triton import gelu_fp8
-
-    batch, heads, seq_len, head_dim = q8.shape
-    width = heads * head_dim
-    out = q8.new_empty((batch * seq_len, width + hidden.shape[-1]))
-    fp8_attention_scaled_out(q8, k8, vt8, scales, [out[:, :width].view(batch, seq_len, heads, head_dim)], [scale])
-    gelu_fp8(hidden.reshape(batch * seq_len, -1), scale, out=out[:, width:])
-    return out
-
-
-def _attention_gelu_fp8_shape(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, hidden: Tensor, scale: Tensor
-                              ) -> Tensor:
-    batch, heads, seq_len, head_dim = q8.shape
-    return q8.new_empty((batch * seq_len, heads * head_dim + hidden.shape[-1]))
-
-
-# A single block's linear2 input [attention | GELU(MLP-in)] in FP8, each kernel writing its columns of one buffer.
-fused_attention_gelu_fp8 = custom_op("attention_gelu_fp8", _attention_gelu_fp8, _attention_gelu_fp8_shape)
-
-
 class FP8SingleStreamBlock(SingleStreamBlock):
     """A single block whose linear2 input, [attention output, GELU(MLP-in)], is made in FP8 in one pass
-    (gelu_fp8_triton.py) where that kernel runs; elsewhere SingleStreamBlock's. With the attention's
-    output_fp8, the attention kernel writes its columns of that input itself."""
+    (gelu_fp8_triton.py) where that kernel runs; elsewhere SingleStreamBlock's."""
 
     fused_gelu = True
-
-    def attend_projected(self, stream: tuple[Tensor, Tensor, Tensor, nn.Module], pe: Tensor, mlp: Tensor) -> Tensor:
-        attention, q = self.attention, stream[0]
-        if not (isinstance(attention, FP8Attention) and attention.output_fp8 and attention.runs_fused(q.device)
-                and self.fused_gelu and runs_fused_gelu(self.linear2, mlp, q.shape[1] * q.shape[3], mlp.shape[-1])):
-            return super().attend_projected(stream, pe, mlp)
-        x8 = fused_attention_gelu_fp8(*attention.quantized_inputs([stream], pe), attention.scales, mlp,
-                                      self.linear2.input_scale)
-        return self.linear2.matmul_fp8(x8, mlp.dtype).unflatten(0, mlp.shape[:2])
 
     def output_projection(self, attn: Tensor, mlp: Tensor) -> Tensor:
         if not (self.fused_gelu and runs_fused_gelu(self.linear2, attn, attn.shape[-1], mlp.shape[-1])):
@@ -375,26 +335,19 @@ def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state
 
 
 def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: bool = False,
-                   pick_reductions: bool = True, autotune_gemms: bool = False) -> KontextTransformer:
+                   pick_reductions: bool = True) -> KontextTransformer:
     """torch.compile each transformer block (CUDA): Inductor fuses the elementwise work (norms, RoPE,
     modulation, GELU) and the FP8 quantization of every GEMM / attention input into the op that produces
     it. Per block, not whole-model: the 19 double and 38 single blocks share two graphs, so the first
     step compiles twice, not 57 times. mode="reduce-overhead" replays each block as a CUDA graph. tune:
     Inductor also tunes each generated kernel's launch parameters (coordinate descent; longer first step).
-    autotune_gemms: Inductor times its Triton GEMM templates (which can take the elementwise work after a GEMM into
-    it) against cuBLAS for every FP8 GEMM, and keeps the faster (max-autotune; a much longer first step).
     pick_reductions: the LayerNorms' rows reduced in one pass (`inductor_choices.py`; False: Inductor's
     defaults, as a plain torch.compile has them)."""
     if mode not in (None, "reduce-overhead"):
         raise ValueError(f"compile_blocks: mode {mode!r}; expected None or 'reduce-overhead'")
-    options = {}
-    if tune:
-        options["coordinate_descent_tuning"] = True
-    if autotune_gemms:
-        options |= {"max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON",
-                    "triton.enable_persistent_tma_matmul": True}
-    # torch.compile takes a mode or options, not both; "reduce-overhead" is Inductor's CUDA graphs option.
-    kwargs = {"options": options | {"triton.cudagraphs": mode == "reduce-overhead"}} if options else {"mode": mode}
+    kwargs = {"mode": mode}
+    if tune:  # torch.compile takes a mode or options, not both; "reduce-overhead" is Inductor's CUDA graphs option
+        kwargs = {"options": {"coordinate_descent_tuning": True, "triton.cudagraphs": mode == "reduce-overhead"}}
     compiled = list(model.double_blocks) + list(model.single_blocks)
     if getattr(model, "fused_modulation", None) is not None:  # (ComfyUI's Flux, compiled by the benchmarks, has none)
         compiled.append(model.fused_modulation)

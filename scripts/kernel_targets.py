@@ -39,13 +39,10 @@ def kernel_jobs():
     from engines import gelu_fp8_triton as gelu
 
     jobs = []
-    for name, out_type, scale_out in (("fp8_attention", "*bf16", False), ("fp8_attention_fp8_out", "*fp8e4nv", True)):
-        types = dict(Q="*fp8e4nv", K="*fp8e4nv", Vt="*fp8e4nv", O=out_type, O2=out_type, Scales="*fp32",
-                     OutScale="*fp32", OutScale2="*fp32", sm_scale_log2="fp32")
-        for c in attention.CONFIGS:
-            jobs.append((name, attention.fp8_attention_kernel, types,
-                         dict(HEAD_DIM=128, QUANTIZE_P=True, PROMOTE_PV=True, SCALE_OUT=scale_out, **c.kwargs),
-                         c.num_warps, c.num_stages))
+    types = dict(Q="*fp8e4nv", K="*fp8e4nv", Vt="*fp8e4nv", O="*bf16", Scales="*fp32", sm_scale_log2="fp32")
+    for c in attention.CONFIGS:
+        jobs.append(("fp8_attention", attention.fp8_attention_kernel, types,
+                     dict(HEAD_DIM=128, QUANTIZE_P=True, PROMOTE_PV=True, **c.kwargs), c.num_warps, c.num_stages))
     types = dict(Q="*bf16", K="*bf16", V="*bf16", QNorm="*bf16", KNorm="*bf16", PE="*fp32", Scales="*fp32",
                  Q8="*fp8e4nv", K8="*fp8e4nv", Vt8="*fp8e4nv")
     for config, write_v in ((inputs.QK_CONFIG, False), (inputs.V_CONFIG, True)):
