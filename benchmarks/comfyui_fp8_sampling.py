@@ -172,8 +172,9 @@ def main(argv=None) -> int:
         outputs["fp8", cfg_scale, steps] = latent
         result[f"fp8_cfg{cfg_scale}_{steps}steps"] = dict(peak_gib=round(peak, 2), s_per_step=round(step_s, 3))
         print(f"fp8 cfg {cfg_scale}, {steps} steps: peak {peak:.2f} GiB, {step_s:.3f} s/step", flush=True)
-    # Which tile configs the autotuners kept here: their kernels ran slower inside ComfyUI than in step_speed.py
-    # in one profiled run (attention 1.343 against 1.278 ms a call), and the pick is one suspect.
+    # Which tile configs the autotuners kept here, to compare with step_speed.py's rows: the attention kernel ran
+    # slower inside ComfyUI in one profiled run (1.343 against 1.278 ms a call); on 2026-11-23 both kept the same
+    # tile, so the pick was not the cause there, but a first-call pick between configs within noise can differ.
     result["autotuned"] = autotuned_choices()
     if args.profile:
         # The loader's MODEL against the same MODEL as ComfyUI's own Flux class holds it (conds copied from CPU
