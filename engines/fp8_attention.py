@@ -5,6 +5,8 @@ produces them, once a block is compiled: Inductor fuses the quantization into RM
 
   - on CUDA GPUs with FP8 tensor cores (compute capability >= 8.9) and Triton: one fused kernel
     (`fp8_attention_triton.py`), exposed to torch.compile as the custom op `kontext_trt::fp8_attention`;
+    on Hopper, where a build of FlashAttention-3's FP8 forward with the pack's patch is given
+    (`fp8_attention_fa3.py`, `FP8Attention.fa3_library`), that kernel instead (`kontext_trt::fa3_fp8_attention`);
   - elsewhere: the recipe written out in PyTorch (FP32 QK^T and softmax, P quantized with amax 1),
     which is what ModelOpt's calibrated model computes, so CPU runs and tests see the same numbers.
 """
@@ -38,11 +40,25 @@ def _fused_shape(q8: Tensor, k8: Tensor, vt8: Tensor, scales: Tensor, out_dtype:
 fused_fp8_attention = custom_op("fp8_attention", _fused, _fused_shape)
 
 
+def _fa3(q8: Tensor, k8: Tensor, v8: Tensor, scales: Tensor, library: str) -> Tensor:
+    from .fp8_attention_fa3 import load_fa3
+
+    return load_fa3(library)(q8, k8, v8, scales)
+
+
+def _fa3_shape(q8: Tensor, k8: Tensor, v8: Tensor, scales: Tensor, library: str) -> Tensor:
+    batch, heads, seq_len, head_dim = q8.shape
+    return q8.new_empty((batch, seq_len, heads, head_dim), dtype=torch.bfloat16)
+
+
+fa3_fp8_attention = custom_op("fa3_fp8_attention", _fa3, _fa3_shape)
+
+
 def _inputs(qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], q_norms: list[Tensor], k_norms: list[Tensor],
-            pe: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            pe: Tensor, scales: Tensor, transpose_v: bool) -> tuple[Tensor, Tensor, Tensor]:
     from .fp8_attention_inputs_triton import fp8_attention_inputs
 
-    return fp8_attention_inputs(qs, ks, vs, q_norms, k_norms, pe, scales)
+    return fp8_attention_inputs(qs, ks, vs, q_norms, k_norms, pe, scales, transpose_v=transpose_v)
 
 
 # V^T rows start at multiples of this many elements (16 bytes in FP8): at L = 15650 unaligned rows cost the
@@ -63,11 +79,12 @@ def check_qkv_scales(scales: Tensor, caller: str) -> None:
 
 
 def _inputs_shape(qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], q_norms: list[Tensor], k_norms: list[Tensor],
-                  pe: Tensor, scales: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                  pe: Tensor, scales: Tensor, transpose_v: bool) -> tuple[Tensor, Tensor, Tensor]:
     batch, heads, _, head_dim = qs[0].shape
     total = sum(q.shape[2] for q in qs)
     q8 = qs[0].new_empty((batch, heads, total, head_dim), dtype=FP8)
-    return q8, torch.empty_like(q8), empty_transposed_v(batch, heads, head_dim, total, qs[0].device)
+    v8 = empty_transposed_v(batch, heads, head_dim, total, qs[0].device) if transpose_v else torch.empty_like(q8)
+    return q8, torch.empty_like(q8), v8
 
 
 fused_fp8_attention_inputs = custom_op("fp8_attention_inputs", _inputs, _inputs_shape)
@@ -111,9 +128,12 @@ class FP8Attention(Attention):
 
     `attend` (QK-norm, RoPE, then attention) runs as two fused kernels where the Triton ones run: one makes
     the FP8 Q, K and V^T straight from the projections (`fp8_attention_inputs_triton.py`), one attends.
-    fused_inputs=False leaves the first to Inductor (for the benchmark that compares them)."""
+    fused_inputs=False leaves the first to Inductor (for the benchmark that compares them). fa3_library (a
+    build of scripts/build_fa3_fp8.sh, on a Hopper GPU) makes FlashAttention-3's FP8 kernel attend in place
+    of the Triton one; `fp8_attention_fa3.resolve_fa3_library` decides it."""
 
     fused_inputs = True
+    fa3_library: str | None = None
 
     def __init__(self, q_scale: Tensor, k_scale: Tensor, v_scale: Tensor):
         super().__init__()
@@ -124,7 +144,9 @@ class FP8Attention(Attention):
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q_scale, k_scale, v_scale = self.scales.unbind()
         q8, k8 = quantize_fp8(q, q_scale), quantize_fp8(k, k_scale)
-        if triton_fp8_kernels_available(q.device):
+        if self.fa3_library is not None:
+            out = fa3_fp8_attention(q8, k8, quantize_fp8(v, v_scale), self.scales, self.fa3_library).to(q.dtype)
+        elif triton_fp8_kernels_available(q.device):
             out = fused_fp8_attention(q8, k8, quantize_transposed_for_kernel(v, v_scale), self.scales, q.dtype)
         else:
             out = fp8_attention_reference(q8, k8, quantize_fp8(v, v_scale), self.scales, q.dtype)
@@ -134,7 +156,10 @@ class FP8Attention(Attention):
         q = streams[0][0]
         if not (self.fused_inputs and triton_fp8_kernels_available(q.device)):
             return super().attend(streams, pe)
-        q8, k8, vt8 = fused_fp8_attention_inputs(
+        q8, k8, v8 = fused_fp8_attention_inputs(
             [s[0] for s in streams], [s[1] for s in streams], [s[2] for s in streams],
-            [s[3].query_norm.scale for s in streams], [s[3].key_norm.scale for s in streams], pe, self.scales)
-        return fused_fp8_attention(q8, k8, vt8, self.scales, q.dtype).flatten(2)
+            [s[3].query_norm.scale for s in streams], [s[3].key_norm.scale for s in streams], pe, self.scales,
+            self.fa3_library is None)
+        if self.fa3_library is not None:
+            return fa3_fp8_attention(q8, k8, v8, self.scales, self.fa3_library).to(q.dtype).flatten(2)
+        return fused_fp8_attention(q8, k8, v8, self.scales, q.dtype).flatten(2)

@@ -1,5 +1,6 @@
 """The FP8 attention's inputs in one pass (Triton): QK-norm, RoPE and FP8 quantization of Q and K, and V
-quantized and transposed, read straight from the QKV projection's output.
+quantized (transposed for the Triton attention kernel, in rows for FlashAttention-3's), read straight from
+the QKV projection's output.
 
 Written by hand because Inductor, given the same PyTorch (`transformer.Attention.attend` followed by
 the quantization), splits it into a reduction per RMSNorm, a pass for RoPE and the concatenation of a
@@ -9,7 +10,7 @@ and 0.33 per double block, where moving the bytes once takes ~0.07; these kernel
 `fp8_attention.py`).
 
 Per stream (a double block has two, text then image, each with its own norms), per token and head:
-    q8 = fp8(rope(rmsnorm(q) * q_norm) / q_scale), k8 likewise, vt8 = fp8(v / v_scale) transposed
+    q8 = fp8(rope(rmsnorm(q) * q_norm) / q_scale), k8 likewise, vt8 = fp8(v / v_scale) transposed (or v8 not)
 with the 16-bit roundings of the PyTorch form (the norm's output and RoPE's are 16-bit there), so the
 FP8 values are those of `Attention.attend` quantized, apart from FP32 rounding order.
 """
@@ -50,8 +51,9 @@ def fp8_attention_inputs_kernel(Q, K, V, QNorm, KNorm, PE, Scales, Q8, K8, Vt8,
                                 stride_ob, stride_oh, stride_ol,
                                 stride_tb, stride_th, stride_td,
                                 HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
-                                WRITE_V: tl.constexpr):
-    """Writes q8 and k8, or (WRITE_V) vt8: two launches, as each is fastest in its own token tiles."""
+                                WRITE_V: tl.constexpr, TRANSPOSE_V: tl.constexpr):
+    """Writes q8 and k8, or (WRITE_V) vt8 (TRANSPOSE_V; else v8 in q8's layout, into Vt8 with q8's strides):
+    two launches, as each is fastest in its own token tiles."""
     b = tl.program_id(2)
     offs_l = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     in_seq = offs_l < seq_len
@@ -86,8 +88,12 @@ def fp8_attention_inputs_kernel(Q, K, V, QNorm, KNorm, PE, Scales, Q8, K8, Vt8,
             v = tl.load(V + b * stride_vb + h * stride_vh + offs_l[:, None] * stride_vl + offs_d[None, :],
                         mask=in_seq[:, None], other=0.0).to(tl.float32)
             v8 = tl.clamp(v / v_scale, -448.0, 448.0).to(out_dtype)
-            vt_ptrs = Vt8 + b * stride_tb + h * stride_th + offs_d[:, None] * stride_td + (seq_offset + offs_l)[None, :]
-            tl.store(vt_ptrs, tl.trans(v8), mask=in_seq[None, :])
+            if TRANSPOSE_V:
+                vt_ptrs = Vt8 + b * stride_tb + h * stride_th + offs_d[:, None] * stride_td + (seq_offset + offs_l)[None, :]
+                tl.store(vt_ptrs, tl.trans(v8), mask=in_seq[None, :])
+            else:
+                v_off = b * stride_ob + h * stride_oh + (seq_offset + offs_l)[:, None] * stride_ol + offs_d[None, :]
+                tl.store(Vt8 + v_off, v8, mask=in_seq[:, None])
 
 
 # Tile configs (BLOCK_L tokens, HEADS_PER_PROGRAM, num_warps), fixed rather than autotuned: autotuning eight
@@ -102,11 +108,13 @@ V_CONFIG = dict(BLOCK_L=32, HEADS_PER_PROGRAM=1, num_warps=4)
 def fp8_attention_inputs(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: list[torch.Tensor],
                          q_norms: list[torch.Tensor], k_norms: list[torch.Tensor], pe: torch.Tensor,
                          scales: torch.Tensor, qk_config: dict | None = None, v_config: dict | None = None,
-                         out_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         out_dtype: torch.dtype = torch.float8_e4m3fn, transpose_v: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Streams i = 0, 1, ...: q, k, v [B, H, L_i, D] (16-bit, any strides with D contiguous: views of the QKV
     projection's output), their QK-norms' scales [D]; pe [B or 1, 1, sum L_i, D/2, 2, 2] float32 over
     the streams concatenated in order; scales float32 [3] (Q, K, V) -> q8, k8 [B, H, L, D] and vt8 [B, H, D, L]
-    (L contiguous, rows 16-byte aligned), float8_e4m3fn, the streams concatenated along L. qk_config and
+    (L contiguous, rows 16-byte aligned; transpose_v=False: v8 [B, H, L, D] like q8, as FlashAttention-3 takes it),
+    float8_e4m3fn, the streams concatenated along L. qk_config and
     v_config (BLOCK_L, HEADS_PER_PROGRAM, num_warps) replace QK_CONFIG and V_CONFIG. out_dtype=torch.float32 writes the values before their
     rounding to FP8: for tests under Triton's CPU interpreter, whose FP8 conversion mis-rounds (see
     fp8_attention_triton.fp8_attention)."""
@@ -131,7 +139,7 @@ def fp8_attention_inputs(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: lis
     device = qs[0].device
     q8 = torch.empty(batch, heads, total, head_dim, device=device, dtype=out_dtype)
     k8 = torch.empty_like(q8)
-    vt8 = empty_transposed_v(batch, heads, head_dim, total, device, out_dtype)
+    vt8 = empty_transposed_v(batch, heads, head_dim, total, device, out_dtype) if transpose_v else torch.empty_like(q8)
     pe = pe.expand(batch, *pe.shape[1:])
     offset = 0
     for q, k, v, q_norm, k_norm in zip(qs, ks, vs, q_norms, k_norms):
@@ -141,6 +149,7 @@ def fp8_attention_inputs(qs: list[torch.Tensor], ks: list[torch.Tensor], vs: lis
                 q8.stride(0), q8.stride(1), q8.stride(2), vt8.stride(0), vt8.stride(1), vt8.stride(2))
         for write_v, config in ((False, qk_config or QK_CONFIG), (True, v_config or V_CONFIG)):
             grid = (triton.cdiv(seq_len, config["BLOCK_L"]), triton.cdiv(heads, config["HEADS_PER_PROGRAM"]), batch)
-            fp8_attention_inputs_kernel[grid](*args, HEAD_DIM=head_dim, WRITE_V=write_v, **config)
+            fp8_attention_inputs_kernel[grid](*args, HEAD_DIM=head_dim, WRITE_V=write_v, TRANSPOSE_V=transpose_v,
+                                              **config)
         offset += seq_len
     return q8, k8, vt8

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 from collections.abc import Callable
 from typing import Optional
 
@@ -31,6 +32,7 @@ from .calibrated_state import read_state_metadata
 from .config import KontextConfig
 from .fp8 import FP8, FP8_MAX, fp8_tensor_cores, quantize_fp8
 from .fp8_attention import FP8Attention
+from .fp8_attention_fa3 import resolve_fa3_library
 from .kernel_ops import custom_op, triton_fp8_kernels_available
 from .recipes import ATTENTION_QUANTIZERS, parse_recipe
 from .transformer import Attention, KontextTransformer, SingleStreamBlock
@@ -247,17 +249,20 @@ def modulation_linears(model: KontextTransformer) -> list[str]:
 
 def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device="cpu",
                          dtype: torch.dtype = torch.bfloat16, fp8_attention: bool = True,
-                         fuse_modulation: bool = True) -> KontextTransformer:
+                         fuse_modulation: bool = True, attention_kernel: str = "auto") -> KontextTransformer:
     """A KontextTransformer whose quantized Linears are FP8Linear, from a checkpoint and a calibrated state.
 
     get_tensor(name) returns the checkpoint's tensor for a BFL key (e.g. a safetensors safe_open
     handle's get_tensor), so tensors are read one at a time. Attention is FP8Attention when the state
     was calibrated with attention quantization, unless fp8_attention=False (16-bit SDPA, for comparison).
+    attention_kernel ("auto", "triton", "flashattention3") picks its kernel on a CUDA GPU
+    (`fp8_attention_fa3.resolve_fa3_library`: auto takes FlashAttention-3 where it is built and the GPU is Hopper).
     When the recipe makes every modulation Linear weight-only FP8 (the fp8 recipe does), they become
     one FusedModulation, unless fuse_modulation=False.
     """
     from safetensors import safe_open
 
+    fa3_library = resolve_fa3_library(attention_kernel, torch.device(device))  # a bad choice fails before any load
     meta = read_state_metadata(state_path)
     recipe_data = json.loads(meta["recipe"])
     recipe = parse_recipe(recipe_data, source=str(state_path), attention=recipe_data.get("attention") is not None)
@@ -310,7 +315,10 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
         for name in fused:
             model.set_submodule(name, ComputedByFusedModulation())
     if recipe.attention and fp8_attention:
-        _use_fp8_attention(model, amax, state_path, device)
+        _use_fp8_attention(model, amax, state_path, device, fa3_library)
+        logging.info("Kontext TRT: FP8 attention by %s", "FlashAttention-3 (%s)" % fa3_library if fa3_library
+                     else "the Triton kernel" if triton_fp8_kernels_available(torch.device(device))
+                     else "PyTorch (the recipe written out; no FP8 tensor cores or Triton here)")
     use_sigmoid_gelu(model)
     use_fused_gelu(model)
     for name, p in list(model.named_parameters()):  # the RMSNorm scales
@@ -320,7 +328,8 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
     return model.eval().requires_grad_(False)
 
 
-def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state_path, device) -> None:
+def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state_path, device,
+                       fa3_library: str | None) -> None:
     for name, module in list(model.named_modules()):
         if not isinstance(module, Attention):
             continue
@@ -331,7 +340,9 @@ def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state
                 raise BackendError(f"{state_path}: the recipe quantizes attention but {key} is "
                                    f"{'missing' if key not in amax else 'not per-tensor'}")
             scales.append(amax[key].to(device).float() / FP8_MAX)
-        model.set_submodule(name, FP8Attention(*scales))
+        attention = FP8Attention(*scales)
+        attention.fa3_library = fa3_library
+        model.set_submodule(name, attention)
 
 
 def compile_blocks(model: KontextTransformer, mode: str | None = None, tune: bool = False,

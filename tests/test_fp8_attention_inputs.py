@@ -55,19 +55,27 @@ def interpreted():
 
 
 # One stream (a single block); two ragged ones (a double block's text and image); heads in ragged groups of 2.
+# V transposed (the Triton attention kernel's layout) or in rows like Q (FlashAttention-3's).
+@pytest.mark.parametrize("transpose_v", [True, False])
 @pytest.mark.parametrize("lengths", [[40], [20, 45]])
-def test_kernel_is_norm_rope_and_scaling_of_the_pytorch_form(interpreted, lengths):
+def test_kernel_is_norm_rope_and_scaling_of_the_pytorch_form(interpreted, lengths, transpose_v):
     streams, pe = make_streams(lengths)
     q0, k0, v0, norm0 = streams[0]
     streams[0] = (q0, k0.contiguous(), v0, norm0)  # strides need not match across q, k and v
     scales = scales_for(streams, pe)
     q, k, vt = interpreted.fp8_attention_inputs(*kernel_inputs(streams, pe, scales),
                                                 qk_config=dict(BLOCK_L=16, HEADS_PER_PROGRAM=2),
-                                                v_config=dict(BLOCK_L=32, HEADS_PER_PROGRAM=3), out_dtype=torch.float32)
+                                                v_config=dict(BLOCK_L=32, HEADS_PER_PROGRAM=3), out_dtype=torch.float32,
+                                                transpose_v=transpose_v)
     want_q, want_k, want_v = reference(streams, pe, scales)
-    assert q.shape == k.shape == (2, HEADS, sum(lengths), HEAD_DIM) and vt.shape == (2, HEADS, HEAD_DIM, sum(lengths))
-    assert vt.stride(-1) == 1 and vt.stride(-2) % 16 == 0  # each V^T row 16-byte aligned, as the attention wants
-    assert torch.equal(vt, want_v.transpose(-1, -2))
+    assert q.shape == k.shape == (2, HEADS, sum(lengths), HEAD_DIM)
+    if transpose_v:
+        assert vt.shape == (2, HEADS, HEAD_DIM, sum(lengths))
+        assert vt.stride(-1) == 1 and vt.stride(-2) % 16 == 0  # each V^T row 16-byte aligned, as the attention wants
+        assert torch.equal(vt, want_v.transpose(-1, -2))
+    else:
+        assert vt.shape == q.shape and vt.is_contiguous()
+        assert torch.equal(vt, want_v)
     for got, want in ((q, want_q), (k, want_k)):
         # The interpreter rounds FP32 to bfloat16 toward zero (Triton 3.8), so both 16-bit roundings may differ by
         # a bfloat16 step (2^-8 of the values rounded, which RoPE's sums can cancel): the GPU test below checks
@@ -92,15 +100,16 @@ def test_kernel_refuses_inputs_it_cannot_read_by_name(interpreted):
 
 @pytest.mark.cuda
 @needs_fp8_gpu
+@pytest.mark.parametrize("transpose_v", [True, False])
 @pytest.mark.parametrize("lengths", [[300], [64, 1000]])
-def test_gpu_kernel_writes_the_fp8_of_the_pytorch_form(lengths):
+def test_gpu_kernel_writes_the_fp8_of_the_pytorch_form(lengths, transpose_v):
     from engines.fp8_attention_inputs_triton import fp8_attention_inputs
 
     streams, pe = make_streams(lengths, device="cuda", seed=1)
     scales = scales_for(streams, pe).cuda()
-    got = fp8_attention_inputs(*kernel_inputs(streams, pe, scales))
+    got = fp8_attention_inputs(*kernel_inputs(streams, pe, scales), transpose_v=transpose_v)
     want = [t.to(torch.float8_e4m3fn) for t in reference(streams, pe, scales)]
-    assert torch.equal(got[2].float(), want[2].transpose(-1, -2).float())
+    assert torch.equal(got[2].float(), (want[2].transpose(-1, -2) if transpose_v else want[2]).float())
     for g, w in zip(got[:2], want[:2]):
         differ = g.float() != w.float()
         assert differ.float().mean() < 1e-3
