@@ -2,7 +2,7 @@
 autotuned) against PyTorch's BF16 SDPA backends and cuDNN's FP8 attention, in one run.
 
     python benchmarks/attention_speed.py [--tokens 2560,8704,15650] [--more-configs] [--no-sdpa]
-                                         [--qk-std 2.0] [--out output/attention_speed.json]
+                                         [--qk-std 2.0] [--fa3 NAME=LIBRARY ...] [--out output/attention_speed.json]
 
 24 heads of 128, batch 1; tokens = 512 text + edit (+ reference) image tokens (8704: 1024^2 with a
 1024^2 reference). --more-configs adds tile shapes the autotuner does not try. Reports the median
@@ -11,7 +11,8 @@ the error against float32 attention of the same FP8 inputs, and `flat`: the outp
 mean when every key scores the same (Q = 0, V in [0.5, 1]): 1.0 is right, below it a kernel loses sums
 of many similar terms. cuDNN's row (where nvidia-cudnn-frontend is installed) writes FP8, quantized with
 the output's amax as the projection's input scale would be, so its error includes that rounding; the
-row "fp8_triton_output_quantized_to_fp8" is the Triton kernel's output rounded the same way.
+row "fp8_triton_output_quantized_to_fp8" is the Triton kernel's output rounded the same way. --fa3 adds a
+row "fp8_fa3_NAME" for a build of FlashAttention-3's FP8 forward (scripts/build_fa3_fp8.sh).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.fp8 import FP8_MAX, quantize_fp8  # noqa: E402
 from engines.fp8_attention import fp8_attention_reference, quantize_transposed_for_kernel  # noqa: E402
+from engines.fp8_attention_fa3 import FA3FP8Attention  # noqa: E402
 from engines.fp8_attention_triton import CONFIGS, fp8_attention  # noqa: E402
 
 from cudnn_fp8_attention import cudnn_fp8_attention, frontend_version, unavailable_reason  # noqa: E402
@@ -65,7 +67,7 @@ def flat_inputs(seq_len: int) -> dict:
 UNTIMED = "untimed"
 
 
-def kernels(more_configs: bool, sdpa: bool) -> dict:
+def kernels(more_configs: bool, sdpa: bool, fa3: dict[str, str]) -> dict:
     """name -> fn(inputs) -> [B, L, H, D] (FP8 outputs at inputs["out_scale"]), an Exception saying why the
     kernel cannot run here, or (UNTIMED, fn) for a row measured for accuracy only."""
     found = {}
@@ -87,6 +89,13 @@ def kernels(more_configs: bool, sdpa: bool) -> dict:
         found[name] = functools.partial(_triton, config=config)
     found["fp8_triton_autotuned"] = _triton
     found["fp8_triton_autotuned_unpromoted_pv"] = functools.partial(_triton, promote_pv=False)
+    for name, library in fa3.items():
+        try:
+            attention = FA3FP8Attention(library)
+        except (OSError, ValueError) as e:
+            found[f"fp8_fa3_{name}"] = e
+        else:
+            found[f"fp8_fa3_{name}"] = lambda x, attention=attention: attention(x["q8"], x["k8"], x["v8"], x["scales"])
     # The recipe as ModelOpt's fake-quant computes it (FP32 matmuls, normalized P on the FP8 grid).
     found["fp8_recipe_pytorch_fp32"] = lambda x: fp8_attention_reference(x["q8"], x["k8"], x["v8"], x["scales"],
                                                                           torch.float32)
@@ -108,8 +117,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-sdpa", action="store_true", help="skip the BF16 SDPA rows")
     p.add_argument("--qk-std", type=float, default=2.0,
                    help="standard deviation of Q and K entries: 2 gives peaked attention rows, 0.3 diffuse ones")
+    p.add_argument("--fa3", action="append", default=[], metavar="NAME=LIBRARY",
+                   help="a build of FlashAttention-3's FP8 forward to time (scripts/build_fa3_fp8.sh); repeatable")
     p.add_argument("--out", default="output/attention_speed.json")
     args = p.parse_args(argv)
+    fa3 = {}
+    for item in args.fa3:
+        name, sep, library = item.partition("=")
+        if not sep or not name or not library:
+            p.error(f"--fa3 takes NAME=LIBRARY, got {item!r}")
+        fa3[name] = library
     from triton.testing import do_bench
 
     rows = []
@@ -125,7 +142,7 @@ def main(argv=None) -> int:
         flat = flat_inputs(seq_len)
         flat_mean = flat["dequantized"][2].mean().item()
         flop = 4 * seq_len * seq_len * HEAD_DIM * HEADS
-        for name, kernel in kernels(args.more_configs, not args.no_sdpa).items():
+        for name, kernel in kernels(args.more_configs, not args.no_sdpa, fa3).items():
             try:
                 if isinstance(kernel, Exception):
                     raise kernel

@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-attention", action="store_true", help="calibrate without attention quantization")
     p.add_argument("--no-compile", action="store_true", help="run the backend's blocks uncompiled")
     p.add_argument("--no-cuda-graph", action="store_true", help="run each step without the loader's CUDA graph")
+    p.add_argument("--attention-kernel", default="auto", choices=("auto", "triton", "flashattention3"),
+                   help="the loader's attention_kernel input (auto: FlashAttention-3 where built on Hopper)")
     p.add_argument("--profile", action="store_true",
                    help="after timing the FP8 runs, profile one CFG 1 sample (GPU busy vs wall time, costliest "
                         "kernels and CPU ops), then one with the conds copied from CPU every step as ComfyUI's "
@@ -141,12 +143,15 @@ def main(argv=None) -> int:
     torch.cuda.empty_cache()
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, steps=args.steps,
                   fp8_attention=not args.no_attention, compiled=not args.no_compile, cuda_graph=not args.no_cuda_graph,
+                  attention_kernel=args.attention_kernel,
                   resolution="1024x1024 edit + 1024x1024 reference latent, 512 text tokens (8704 tokens)")
 
     # The loader's PyTorch backend: weights read one at a time from the (here in-memory) checkpoint.
     base_allocated = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    runner = load_fp8_transformer(lambda key: sd[key], state, device=device, dtype=torch.bfloat16)
+    runner = load_fp8_transformer(lambda key: sd[key], state, device=device, dtype=torch.bfloat16,
+                                  attention_kernel=args.attention_kernel)
+    result["fa3_library"] = next((m.fa3_library for m in runner.modules() if hasattr(m, "fa3_library")), None)
     result["fp8_weights_gib"] = round(transformer_bytes(runner) / GIB, 2)
     result["load_peak_gib"] = round((torch.cuda.max_memory_allocated() - base_allocated) / GIB, 2)
     if not args.no_compile:

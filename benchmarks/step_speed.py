@@ -34,6 +34,10 @@ Variants:
   pack_fp8_attn_cudagraphs  the same with mode="reduce-overhead": each block replayed as a CUDA graph
   pack_fp8_attn_compile_graphed  pack_fp8_attn_compile with the whole step replayed as one CUDA graph
                         (engines/cuda_graph_step.py, the loader's cuda_graph input)
+Asked for by name only (they need a build, scripts/build_fa3_fp8.sh, and a Hopper GPU):
+  pack_fp8_attn_fa3_compile  pack_fp8_attn_compile with FlashAttention-3's FP8 kernel (the pack's patch)
+                        attending in place of the Triton one (engines/fp8_attention_fa3.py)
+  pack_fp8_attn_fa3_compile_graphed  the same, the step replayed as one CUDA graph
 """
 from __future__ import annotations
 
@@ -62,6 +66,7 @@ VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "
             "pack_fp8_attn_compile_inductor_gelu",
             "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs",
             "pack_fp8_attn_compile_graphed")
+FA3_VARIANTS = ("pack_fp8_attn_fa3_compile", "pack_fp8_attn_fa3_compile_graphed")
 
 
 def parse_shape(shape: str) -> tuple[int, bool]:
@@ -100,10 +105,11 @@ def comfy_flux(sd, cfg, device, fp8_fast: bool = False):
 _calibrated_state = {}
 
 
-def fp8_model(sd, device, attention: bool):
+def fp8_model(sd, device, attention: bool, attention_kernel: str = "triton"):
     """The PyTorch backend exactly as the loader builds it, from an fp8 state calibrated (once per run,
     with attention quantization, on one default pair) with max calibration; attention=False runs that
-    state with 16-bit attention. Calibration quality does not change the speed."""
+    state with 16-bit attention. attention_kernel is named, not "auto" (the loader's default), so a variant
+    runs the same kernel wherever FlashAttention-3 is built. Calibration quality does not change the speed."""
     import tempfile
 
     from engines.calibrated_state import save_calibrated_state
@@ -123,15 +129,15 @@ def fp8_model(sd, device, attention: bool):
         gc.collect()
         torch.cuda.empty_cache()
     return load_fp8_transformer(lambda k: sd[k], _calibrated_state["path"], device=device, dtype=torch.bfloat16,
-                                fp8_attention=attention)
+                                fp8_attention=attention, attention_kernel=attention_kernel)
 
 
 def make_variant(name: str, sd: dict, cfg, device):
     """A callable taking step_inputs(...) -> output tokens."""
     from engines.runtime_torch import compile_blocks
 
-    if name not in VARIANTS:
-        raise SystemExit(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    if name not in VARIANTS + FA3_VARIANTS:
+        raise SystemExit(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS + FA3_VARIANTS)}")
     if name.startswith("comfy_"):
         module = comfy_flux(sd, cfg, device, fp8_fast=name == "comfy_fp8_fast")
         if name.endswith("_compile"):
@@ -142,7 +148,9 @@ def make_variant(name: str, sd: dict, cfg, device):
     if name == "pack_bf16":
         model = transformer_from_state_dict(gpu_sd)
     else:
-        model = fp8_model(gpu_sd, device, attention=name.startswith("pack_fp8_attn"))
+        # an error saying why where FlashAttention-3 cannot run
+        model = fp8_model(gpu_sd, device, attention=name.startswith("pack_fp8_attn"),
+                          attention_kernel="flashattention3" if "_fa3_" in name else "triton")
         del gpu_sd
         if name.endswith("_unfused_inputs"):
             from engines.fp8_attention import FP8Attention
