@@ -1,9 +1,9 @@
-// A C entry point to one FlashAttention-3 forward kernel: FP8 E4M3 Q, K and V (row-major; the kernel transposes V
-// in shared memory, FlashAttention-3's maintained FP8 path: its column-major-V path does not compile), head width 128, no mask, BF16 output, per-tensor descales read from the
-// device (so CUDA graphs can capture the call). Loaded with ctypes, so no PyTorch headers or ABI are involved.
-#include <stdexcept>
-#include <string>
+// A C entry point to one FlashAttention-3 forward kernel: FP8 E4M3 Q, K and V, head width 128, no mask, BF16
+// output, per-tensor descales read from the device (so CUDA graphs can capture the call). V goes in rows and the
+// kernel transposes it in shared memory (FlashAttention-3's maintained FP8 path; its column-major-V path does not
+// compile at the pinned commit). Loaded with ctypes, so no PyTorch headers or ABI are involved.
 #include <cstring>
+#include <stdexcept>
 
 #include "cuda_check.h"
 // FlashAttention-3 exits the process on a CUDA or CUTLASS error; inside ComfyUI that must be an error message.
@@ -36,8 +36,9 @@ void copy_message(char *out, int out_len, const char *message) {
 
 extern "C" {
 
-// q, k, v: [B, H, L, 128] with the given strides (elements), last dimension contiguous; o: [B, L, H, 128] bfloat16 (any strides, last dimension contiguous); lse: float32 [B, H, L] scratch;
-// scales: float32 [3] on the device (Q, K, V scales). Returns 0, or -1 with a message in `error`.
+// q, k, v: [B, H, L, 128] with the given strides (elements), last dimension contiguous; o: [B, L, H, 128] bfloat16
+// (any strides, last dimension contiguous); lse: float32 [B, H, L] scratch; scales: float32 [3] on the device (Q, K,
+// V scales). Returns 0, or -1 with a message in `error`.
 int kontext_fa3_fp8_attention(const void *q, const void *k, const void *v, void *o, float *lse, const float *scales,
                               int batch, int heads, int seq_len,
                               long long q_batch_stride, long long q_head_stride, long long q_row_stride,

@@ -10,8 +10,8 @@ sources with that patch; it is loaded here with ctypes, so no PyTorch headers or
 
 Layouts: q8, k8 and v8 [B, H, L, 128] (any strides, last dimension contiguous; V row-major, which the kernel
 transposes in shared memory: FlashAttention-3's column-major-V path does not compile), output [B, L, H, 128]
-bfloat16, as the Triton kernel writes it. Importing this module
-loads nothing; `FA3FP8Attention(path)` loads the library.
+bfloat16, as the Triton kernel writes it. Importing this module loads nothing; `FA3FP8Attention(path)` loads
+the library.
 """
 from __future__ import annotations
 
@@ -57,11 +57,10 @@ class FA3FP8Attention:
                        + [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int])
         self._fn = fn
 
-    def __call__(self, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, scales: torch.Tensor,
-                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    def __call__(self, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """q8, k8, v8 [B, H, L, 128], float8_e4m3fn on one CUDA device; scales float32 [3]
         (Q, K, V) there -> O [B, L, H, 128] bfloat16."""
-        check_inputs(q8, k8, v8, scales, out_dtype)
+        check_inputs(q8, k8, v8, scales)
         batch, heads, seq_len, _ = q8.shape
         out = torch.empty(batch, seq_len, heads, HEAD_DIM, device=q8.device, dtype=torch.bfloat16)
         lse = torch.empty(batch, heads, seq_len, device=q8.device, dtype=torch.float32)  # written, not used
@@ -82,8 +81,7 @@ class FA3FP8Attention:
         return out
 
 
-def check_inputs(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, scales: torch.Tensor,
-                 out_dtype: torch.dtype) -> None:
+def check_inputs(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, scales: torch.Tensor) -> None:
     """What the kernel takes, checked before a launch that would otherwise fault or read wrong memory."""
     if q8.dim() != 4 or q8.shape[-1] != HEAD_DIM:
         raise ValueError(f"FA3FP8Attention: q8 must be [B, H, L, {HEAD_DIM}], got {tuple(q8.shape)}")
@@ -100,8 +98,6 @@ def check_inputs(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, scales: t
     check_qkv_scales(scales, "FA3FP8Attention")
     if scales.device != q8.device:
         raise ValueError(f"FA3FP8Attention: scales must be on {q8.device}, got {scales.device}")
-    if out_dtype != torch.bfloat16:
-        raise ValueError(f"FA3FP8Attention: the kernel writes bfloat16, {out_dtype} was asked for")
 
 
 def default_library() -> Path:
@@ -136,7 +132,7 @@ def resolve_fa3_library(attention_kernel: str, device: torch.device) -> str | No
     if attention_kernel == "triton":
         return None
     library = default_library()
-    why_not = unavailable_reason(torch.device(device), library)
+    why_not = unavailable_reason(device, library)
     if why_not is None:
         load_fa3(str(library))  # a library that does not load is an error here, not at the first step
         return str(library)

@@ -3,7 +3,8 @@
 Written by hand because no library the pack can use has it: PyTorch 2.11's SDPA has no FP8 kernel
 (its cuDNN and flash backends refuse float8 Q/K/V on an H100), FlashAttention-3's FP8 path is a
 separate CUDA build for Hopper only that ComfyUI installs do not have (the pack builds it optionally, patched:
-`fp8_attention_fa3.py`), and TensorRT's fused FP8 MHA runs only inside an engine. Triton ships with PyTorch. Imported only where Triton is (see `fp8_attention.py`).
+`fp8_attention_fa3.py`), and TensorRT's fused FP8 MHA runs only inside an engine. Triton ships with PyTorch.
+Imported only where Triton is (see `fp8_attention.py`).
 
 Per the recipe (what TensorRT's fused FP8 attention computes):
     S = Q8 K8^T * (q_scale * k_scale / sqrt(D))   FP8 operands, FP32 accumulation

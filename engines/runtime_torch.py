@@ -316,9 +316,13 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
             model.set_submodule(name, ComputedByFusedModulation())
     if recipe.attention and fp8_attention:
         _use_fp8_attention(model, amax, state_path, device, fa3_library)
-        logging.info("Kontext TRT: FP8 attention by %s", "FlashAttention-3 (%s)" % fa3_library if fa3_library
-                     else "the Triton kernel" if triton_fp8_kernels_available(torch.device(device))
-                     else "PyTorch (the recipe written out; no FP8 tensor cores or Triton here)")
+        if fa3_library:
+            kernel = f"FlashAttention-3 ({fa3_library})"
+        elif triton_fp8_kernels_available(torch.device(device)):
+            kernel = "the Triton kernel"
+        else:
+            kernel = "PyTorch (the recipe written out; no FP8 tensor cores or Triton here)"
+        logging.info("Kontext TRT: FP8 attention by %s", kernel)
     use_sigmoid_gelu(model)
     use_fused_gelu(model)
     for name, p in list(model.named_parameters()):  # the RMSNorm scales

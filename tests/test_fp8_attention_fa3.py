@@ -60,11 +60,11 @@ def test_inputs_the_kernel_cannot_take_are_refused_by_name():
     q8 = torch.zeros(1, 2, 64, 128, dtype=torch.float8_e4m3fn)
     scales = torch.ones(3)
     with pytest.raises(ValueError, match=r"q8 must be \[B, H, L, 128\], got \(1, 2, 64, 64\)"):
-        check_inputs(q8[..., :64], q8, q8, scales, torch.bfloat16)
+        check_inputs(q8[..., :64], q8, q8, scales)
     with pytest.raises(ValueError, match=r"v8 has shape \(1, 2, 128, 64\), expected \(1, 2, 64, 128\)"):
-        check_inputs(q8, q8, q8.transpose(-1, -2), scales, torch.bfloat16)
+        check_inputs(q8, q8, q8.transpose(-1, -2), scales)
     with pytest.raises(ValueError, match="q8 must be float8_e4m3fn on q8's CUDA device, got torch.float8_e4m3fn on cpu"):
-        check_inputs(q8, q8, q8, scales, torch.bfloat16)
+        check_inputs(q8, q8, q8, scales)
 
 
 # --- on a Hopper GPU with the library built ---
