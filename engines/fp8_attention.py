@@ -78,6 +78,13 @@ def check_qkv_scales(scales: Tensor, caller: str) -> None:
         raise ValueError(f"{caller}: scales must be float32 [3] (Q, K, V), got {scales.dtype} {tuple(scales.shape)}")
 
 
+def check_kv_shapes(k8: Tensor, v_name: str, v8: Tensor, q_shape: tuple, v_shape: tuple, caller: str) -> None:
+    """K must match Q's shape and V the layout its kernel takes (v_shape), before a launch reads past them."""
+    for name, t, shape in (("k8", k8, q_shape), (v_name, v8, v_shape)):
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{caller}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
 def _inputs_shape(qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], q_norms: list[Tensor], k_norms: list[Tensor],
                   pe: Tensor, scales: Tensor, transpose_v: bool) -> tuple[Tensor, Tensor, Tensor]:
     batch, heads, _, head_dim = qs[0].shape

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .fp8 import FP8
-from .fp8_attention import check_qkv_scales
+from .fp8_attention import check_kv_shapes, check_qkv_scales
 
 HEAD_DIM = 128
 SYMBOL = "kontext_fa3_fp8_attention"
@@ -85,9 +85,7 @@ def check_inputs(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, scales: t
     """What the kernel takes, checked before a launch that would otherwise fault or read wrong memory."""
     if q8.dim() != 4 or q8.shape[-1] != HEAD_DIM:
         raise ValueError(f"FA3FP8Attention: q8 must be [B, H, L, {HEAD_DIM}], got {tuple(q8.shape)}")
-    for name, t, shape in (("k8", k8, q8.shape), ("v8", v8, q8.shape)):
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"FA3FP8Attention: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    check_kv_shapes(k8, "v8", v8, q8.shape, q8.shape, "FA3FP8Attention")
     for name, t in (("q8", q8), ("k8", k8), ("v8", v8)):
         if t.dtype != FP8 or t.device.type != "cuda" or t.device != q8.device:
             raise ValueError(f"FA3FP8Attention: {name} must be float8_e4m3fn on q8's CUDA device, "

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_attention import check_qkv_scales
+from .fp8_attention import check_kv_shapes, check_qkv_scales
 from .kernel_ops import launch
 
 LOG2E = 1.4426950408889634
@@ -138,9 +138,7 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, scales:
     all keys (Triton's default on Hopper): only for the benchmark that shows what promotion costs and saves.
     """
     batch, heads, seq_len, head_dim = q8.shape
-    for name, t, shape in (("k8", k8, q8.shape), ("vt8", vt8, (batch, heads, head_dim, seq_len))):
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"fp8_attention: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    check_kv_shapes(k8, "vt8", vt8, q8.shape, (batch, heads, head_dim, seq_len), "fp8_attention")
     for name, t in (("q8", q8), ("k8", k8), ("vt8", vt8)):
         if t.dtype != torch.float8_e4m3fn or t.stride(-1) != 1:
             raise ValueError(f"fp8_attention: {name} must be float8_e4m3fn with a contiguous last dimension, "
