@@ -11,7 +11,9 @@ median ms per step over --iters calls after warm-up (CUDA events), the ratio to 
 peak GPU memory (allocated, and reserved: a CUDA graph's pool is reserved, not allocated), the output's
 cosine to ComfyUI BF16 eager, and the time to the first step (the first call, including compilation, the
 attention kernel's autotuning and a CUDA graph's capture, with Inductor's graph cache off and an empty
-Triton cache unless --warm-caches). No test asserts any of this; the README quotes the JSON.
+Triton cache unless --warm-caches). Each shape gets its own static graph unless --dynamo-defaults, which
+leaves Dynamo as the loader does (a dynamic-shape graph from the second shape on). No test asserts any of
+this; the README quotes the JSON.
 
 Variants:
   comfy_bf16            ComfyUI's Flux (comfy.ldm.flux.model.Flux), BF16, eager: what KSampler runs
@@ -233,15 +235,20 @@ def main(argv=None) -> int:
                    help="after timing, profile one step of each variant (first shape and batch): 25 costliest kernels")
     p.add_argument("--warm-caches", action="store_true",
                    help="keep Triton's kernel cache from earlier runs (first step then excludes kernel compilation)")
+    p.add_argument("--dynamo-defaults", action="store_true",
+                   help="leave Dynamo's automatic dynamic shapes and recompile limit at their defaults, as the "
+                        "loader's compile_blocks does: from the second shape on, blocks run dynamic-shape graphs")
     p.add_argument("--out", default="output/step_speed.json")
     args = p.parse_args(argv)
     if not args.comfyui:
         p.error("--comfyui or COMFYUI_PATH: a ComfyUI checkout (its Flux is the baseline)")
     sys.path.insert(0, args.comfyui)
     use_eager_fp8_fake_quant()  # the calibration pass only sets scales; no ~1 min extension build
-    # One static graph per shape (what a user at one resolution gets), not a dynamic-shape graph from the
-    # second shape on; enough recompiles for every shape of the sweep.
-    torch._dynamo.config.automatic_dynamic_shapes = False
+    if not args.dynamo_defaults:
+        # One static graph per shape (what a user at one resolution gets), not a dynamic-shape graph from the
+        # second shape on; enough recompiles for every shape of the sweep.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
     # The first step as a user's first run sees it: no compiled graphs or autotuning from earlier runs (kernels
     # compiled by an earlier variant of this run are still reused).
     torch._inductor.config.fx_graph_cache = False
@@ -249,7 +256,6 @@ def main(argv=None) -> int:
         import tempfile
 
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_cache_")
-    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
 
     device = torch.device("cuda")
     sd, cfg = load_weights(args, device)
@@ -263,7 +269,7 @@ def main(argv=None) -> int:
 
     env = dict(gpu=torch.cuda.get_device_name(), driver=_driver_version(), torch=torch.__version__,
                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), triton=triton.__version__,
-               weights=args.checkpoint or "random")
+               weights=args.checkpoint or "random", dynamo_defaults=args.dynamo_defaults)
     rows, reference = [], {}
     for name in args.variants.split(","):
         # Dynamo keeps compiled graphs per function, not per model: without this a variant whose blocks compile
