@@ -1,0 +1,216 @@
+"""Energy per step on one GPU, and how it splits between the step's FP8 GEMMs and its attention.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/step_energy.py [--variants ...] [--shape 1024r]
+        [--attention flashattention3|triton] [--seconds 10]
+
+On the lent H100 the pack's step runs at the board's power limit (results/step_speed_fa3_power_h100.json),
+so its time is bounded below by its energy over that limit, and a kernel that is faster at the same energy
+does not shorten it. This measures the energy. Each part runs back to back for --seconds (after warm-up),
+with NVML's energy counter (nvmlDeviceGetTotalEnergyConsumption, mJ) read before and after and the SM clock
+and power sampled every 50 ms in between:
+  step:<variant>  a whole step of step_speed.py's variant (pack_* or, with ComfyUI, comfy_*), batch 1
+  gemms           the step's FP8 GEMMs alone (torch._scaled_mm, the shapes and counts of one step, random FP8
+                  operands at unit scales, BF16 bias and output, as FP8Linear runs them)
+  attention       the step's 57 attention calls alone (the FP8 kernel --attention names, random FP8 Q, K, V)
+  idle            nothing running: the board's floor
+Reports per part: ms and J per step (or step's worth), mean W, median SM clock, and what NVML gives as the
+clock's limiters over the run. Random weights; speed and energy are not asserted by any test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from engines import KONTEXT_DEV  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+
+
+def step_gemm_shapes(cfg, image_tokens: int, text_tokens: int) -> list[tuple[int, int, int, int]]:
+    """(rows, in_features, out_features, calls) of one batch-1 step's token GEMMs: the double blocks' image and
+    text streams (QKV, projection, MLP up and down) and the single blocks' two linears."""
+    h, mlp = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+    shapes = []
+    for rows in (image_tokens, text_tokens):
+        shapes += [(rows, h, 3 * h, cfg.depth), (rows, h, h, cfg.depth), (rows, h, mlp, cfg.depth),
+                   (rows, mlp, h, cfg.depth)]
+    tokens = image_tokens + text_tokens
+    shapes += [(tokens, h, 3 * h + mlp, cfg.depth_single_blocks), (tokens, h + mlp, h, cfg.depth_single_blocks)]
+    return shapes
+
+
+def gemms_part(cfg, image_tokens: int, text_tokens: int, device):
+    one = torch.ones((), device=device)
+    calls = []
+    for rows, k, n, count in step_gemm_shapes(cfg, image_tokens, text_tokens):
+        x8 = (torch.randn(rows, k, device=device) * 0.5).to(FP8)
+        w8 = (torch.randn(n, k, device=device) * 0.5).to(FP8)
+        bias = torch.randn(n, device=device, dtype=torch.bfloat16)
+        calls.append((x8, w8.t(), bias, count))
+
+    def run():
+        for x8, wt8, bias, count in calls:
+            for _ in range(count):
+                torch._scaled_mm(x8, wt8, scale_a=one, scale_b=one, bias=bias, out_dtype=torch.bfloat16)
+    flops = 2 * sum(rows * k * n * count for rows, k, n, count in step_gemm_shapes(cfg, image_tokens, text_tokens))
+    return run, flops
+
+
+def attention_part(cfg, tokens: int, kernel: str, device):
+    from engines.fp8_attention import empty_transposed_v
+    from engines.fp8_attention_fa3 import default_library, load_fa3
+    from engines.fp8_attention_triton import fp8_attention
+
+    heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    q8, k8, v8 = ((torch.randn(1, heads, tokens, head_dim, device=device) * 2).to(FP8) for _ in range(3))
+    scales = torch.full((3,), 0.05, device=device)
+    calls = cfg.depth + cfg.depth_single_blocks
+    if kernel == "flashattention3":
+        fa3 = load_fa3(str(default_library()))
+
+        def run():
+            for _ in range(calls):
+                fa3(q8, k8, v8, scales)
+    else:
+        vt8 = empty_transposed_v(1, heads, head_dim, tokens, device)
+        vt8.copy_(v8.transpose(-1, -2))
+
+        def run():
+            for _ in range(calls):
+                fp8_attention(q8, k8, vt8, scales, torch.bfloat16)
+    return run, 4 * calls * heads * tokens * tokens * head_dim
+
+
+class NVMLMeter:
+    """NVML's energy counter around a run, with the SM clock and power sampled in a thread."""
+
+    def __init__(self, index: int):
+        import pynvml
+
+        self.nvml = pynvml
+        pynvml.nvmlInit()
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        # nvidia-ml-py renamed "throttle reasons" to "clocks event reasons" (12.535); either name, as installed
+        self.clock_reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        self.reason_prefix = ("nvmlClocksEventReason" if hasattr(pynvml, "nvmlClocksEventReasonSwPowerCap")
+                              else "nvmlClocksThrottleReason")
+
+    def energy_mj(self) -> int:
+        return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+
+    def limits(self) -> dict:
+        n = self.nvml
+        return dict(power_limit_w=n.nvmlDeviceGetEnforcedPowerLimit(self.handle) / 1000,
+                    max_sm_clock_mhz=n.nvmlDeviceGetMaxClockInfo(self.handle, n.NVML_CLOCK_SM))
+
+    def measure(self, run, seconds: float) -> dict:
+        n, samples, stop = self.nvml, [], threading.Event()
+        reasons = 0
+
+        def sample():
+            nonlocal reasons
+            while not stop.is_set():
+                samples.append((n.nvmlDeviceGetClockInfo(self.handle, n.NVML_CLOCK_SM),
+                                n.nvmlDeviceGetPowerUsage(self.handle) / 1000))
+                reasons |= self.clock_reasons(self.handle)
+                time.sleep(0.05)
+        torch.cuda.synchronize()
+        thread = threading.Thread(target=sample, daemon=True)
+        e0, t0, calls = self.energy_mj(), time.perf_counter(), 0
+        thread.start()
+        while time.perf_counter() - t0 < seconds:
+            if run is None:
+                time.sleep(0.1)
+            else:
+                run()
+                calls += 1
+                torch.cuda.synchronize()
+        wall, joules = time.perf_counter() - t0, (self.energy_mj() - e0) / 1000
+        stop.set()
+        thread.join()
+        names = {v: k for k, v in vars(n).items() if k.startswith(self.reason_prefix) and isinstance(v, int)
+                 and v and not v & (v - 1)}
+        return dict(calls=calls, ms=round(wall * 1000 / calls, 1) if calls else None,
+                    joules=round(joules / calls, 2) if calls else None, mean_w=round(joules / wall, 1),
+                    sm_clock_mhz_median=statistics.median(s[0] for s in samples) if samples else None,
+                    power_w_median=round(statistics.median(s[1] for s in samples), 1) if samples else None,
+                    clock_limiters=sorted(name.removeprefix(self.reason_prefix)
+                                          for bit, name in names.items() if reasons & bit))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (comfy_* variants)")
+    p.add_argument("--variants", default="pack_fp8_attn_fa3_compile", help="step_speed.py's variants, comma-separated")
+    p.add_argument("--shape", default="1024r", help="as step_speed.py's --shapes, one shape")
+    p.add_argument("--attention", default="flashattention3", choices=("flashattention3", "triton"),
+                   help="the kernel the attention part runs")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--out", default="output/step_energy.json")
+    args = p.parse_args(argv)
+    if args.comfyui:
+        sys.path.insert(0, args.comfyui)
+    import step_speed
+
+    from engines.quantize import use_eager_fp8_fake_quant
+
+    use_eager_fp8_fake_quant()  # as step_speed.py: the pack variants' calibration pass only sets scales
+    device = torch.device("cuda")
+    meter = NVMLMeter(torch.cuda.current_device())
+    size, with_ref = step_speed.parse_shape(args.shape)
+    cfg = KONTEXT_DEV
+    x = step_speed.step_inputs(cfg, size, with_ref, 1, device)
+    image_tokens, text_tokens = x["img"].shape[1], x["txt"].shape[1]
+    rows = [dict(part="idle", **meter.measure(None, 3.0))]
+    print(json.dumps(rows[-1]), flush=True)
+    for name, (run, flops) in (("gemms", gemms_part(cfg, image_tokens, text_tokens, device)),
+                               (f"attention:{args.attention}",
+                                attention_part(cfg, image_tokens + text_tokens, args.attention, device))):
+        for _ in range(3):
+            run()
+        row = dict(part=name, **meter.measure(run, args.seconds))
+        row["pflop_per_s"] = round(flops / (row["ms"] / 1000) / 1e15, 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        run = None
+        torch.cuda.empty_cache()
+    if args.variants:
+        torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 64
+        sd, _ = step_speed.load_weights(argparse.Namespace(checkpoint=None), device)
+        for variant in args.variants.split(","):
+            torch._dynamo.reset()
+            fn = step_speed.make_variant(variant, sd, cfg, device)
+            with torch.no_grad():
+                for _ in range(4):
+                    fn(x)
+                rows.append(dict(part=f"step:{variant}", **meter.measure(lambda: fn(x), args.seconds)))
+            print(json.dumps(rows[-1]), flush=True)
+            fn = None
+            torch.cuda.empty_cache()
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape,
+               tokens=image_tokens + text_tokens, weights="random", **meter.limits())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
+    print(json.dumps(env))
+    print("| part | ms | J | mean W | SM clock MHz (median) | PFLOP/s | clock limiters |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['part']} | {r['ms']} | {r['joules']} | {r['mean_w']} | {r['sm_clock_mhz_median']} | "
+              f"{r.get('pflop_per_s', '')} | {', '.join(r['clock_limiters'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
