@@ -9,9 +9,13 @@ does not shorten it. This measures the energy. Each part runs back to back for -
 with NVML's energy counter (nvmlDeviceGetTotalEnergyConsumption, mJ) read before and after and the SM clock
 and power sampled every 50 ms in between:
   step:<variant>  a whole step of step_speed.py's variant (pack_* or, with ComfyUI, comfy_*), batch 1
-  gemms           the step's FP8 GEMMs alone (torch._scaled_mm, the shapes and counts of one step, random FP8
-                  operands at unit scales, BF16 bias and output, as FP8Linear runs them)
-  attention       the step's 57 attention calls alone (the FP8 kernel --attention names, random FP8 Q, K, V)
+  gemms           the step's FP8 GEMMs alone (torch._scaled_mm, the shapes and counts of one step, Gaussian
+                  operands quantized with amax at 448 as calibration scales them, BF16 bias and output, as
+                  FP8Linear runs them)
+  gemms:step_operands  the same GEMMs with the step's own operands: each FP8Linear's FP8 input as an
+                  uncompiled step made it, through its weights
+  attention       the step's 57 attention calls alone (the FP8 kernel --attention names, Q, K, V made the same
+                  way)
   idle            nothing running: the board's floor
 Reports per part: ms and J per step (or step's worth), mean W, median SM clock, and what NVML gives as the
 clock's limiters over the run. Random weights; speed and energy are not asserted by any test.
@@ -19,6 +23,7 @@ clock's limiters over the run. Random weights; speed and energy are not asserted
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -51,21 +56,52 @@ def step_gemm_shapes(cfg, image_tokens: int, text_tokens: int) -> list[tuple[int
     return shapes
 
 
+def calibrated_fp8(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 tensor, its per-tensor scale) of Gaussian values quantized as calibration does: amax at 448. The
+    tensor cores' power depends on the operands' bits: N(0, 0.5) operands, in the first run, held the GEMMs'
+    clock at 1320 MHz where the step's ran at 1740."""
+    t = torch.randn(shape, device=device)
+    scale = t.abs().amax() / torch.finfo(FP8).max
+    return (t / scale).to(FP8), scale.float()
+
+
 def gemms_part(cfg, image_tokens: int, text_tokens: int, device):
-    one = torch.ones((), device=device)
     calls = []
     for rows, k, n, count in step_gemm_shapes(cfg, image_tokens, text_tokens):
-        x8 = (torch.randn(rows, k, device=device) * 0.5).to(FP8)
-        w8 = (torch.randn(n, k, device=device) * 0.5).to(FP8)
+        x8, x_scale = calibrated_fp8((rows, k), device)
+        w8, w_scale = calibrated_fp8((n, k), device)
         bias = torch.randn(n, device=device, dtype=torch.bfloat16)
-        calls.append((x8, w8.t(), bias, count))
+        calls.append((x8, x_scale, w8.t(), w_scale, bias, count))
 
     def run():
-        for x8, wt8, bias, count in calls:
+        for x8, x_scale, wt8, w_scale, bias, count in calls:
             for _ in range(count):
-                torch._scaled_mm(x8, wt8, scale_a=one, scale_b=one, bias=bias, out_dtype=torch.bfloat16)
+                torch._scaled_mm(x8, wt8, scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=torch.bfloat16)
     flops = 2 * sum(rows * k * n * count for rows, k, n, count in step_gemm_shapes(cfg, image_tokens, text_tokens))
     return run, flops
+
+
+def step_operands_part(model, x):
+    """The step's own FP8 GEMMs alone: every FP8Linear's FP8 input as one uncompiled step of model made it,
+    replayed through its weights (what the gemms part approximates with Gaussian operands)."""
+    from engines.runtime_torch import FP8Linear
+
+    captured, original = [], FP8Linear.matmul_fp8
+
+    def recording(layer, x8, out_dtype):
+        captured.append((layer, x8.clone(), out_dtype))
+        return original(layer, x8, out_dtype)
+    FP8Linear.matmul_fp8 = recording
+    try:
+        with torch.no_grad():
+            model(**x)
+    finally:
+        FP8Linear.matmul_fp8 = original
+
+    def run():
+        for layer, x8, out_dtype in captured:
+            original(layer, x8, out_dtype)
+    return run, 2 * sum(x8.shape[0] * x8.shape[1] * layer.weight.shape[0] for layer, x8, _ in captured)
 
 
 def attention_part(cfg, tokens: int, kernel: str, device):
@@ -74,8 +110,9 @@ def attention_part(cfg, tokens: int, kernel: str, device):
     from engines.fp8_attention_triton import fp8_attention
 
     heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
-    q8, k8, v8 = ((torch.randn(1, heads, tokens, head_dim, device=device) * 2).to(FP8) for _ in range(3))
-    scales = torch.full((3,), 0.05, device=device)
+    (q8, q_scale), (k8, k_scale), (v8, v_scale) = (calibrated_fp8((1, heads, tokens, head_dim), device)
+                                                   for _ in range(3))
+    scales = torch.stack([q_scale, k_scale, v_scale])  # scores q.k / sqrt(128) of unit variance
     calls = cfg.depth + cfg.depth_single_blocks
     if kernel == "flashattention3":
         fa3 = load_fa3(str(default_library()))
@@ -176,9 +213,19 @@ def main(argv=None) -> int:
     image_tokens, text_tokens = x["img"].shape[1], x["txt"].shape[1]
     rows = [dict(part="idle", **meter.measure(None, 3.0))]
     print(json.dumps(rows[-1]), flush=True)
-    for name, (run, flops) in (("gemms", gemms_part(cfg, image_tokens, text_tokens, device)),
-                               (f"attention:{args.attention}",
-                                attention_part(cfg, image_tokens + text_tokens, args.attention, device))):
+    sd, _ = step_speed.load_weights(argparse.Namespace(checkpoint=None), device)
+
+    def step_operands():
+        gpu_sd = {k: v.to(device) for k, v in sd.items()}
+        model = step_speed.fp8_model(gpu_sd, device, attention=True, attention_kernel=args.attention)
+        del gpu_sd
+        return step_operands_part(model, x)
+    parts = (("gemms", lambda: gemms_part(cfg, image_tokens, text_tokens, device)),
+             ("gemms:step_operands", step_operands),
+             (f"attention:{args.attention}", lambda: attention_part(cfg, image_tokens + text_tokens, args.attention,
+                                                                    device)))
+    for name, make in parts:
+        run, flops = make()
         for _ in range(3):
             run()
         row = dict(part=name, **meter.measure(run, args.seconds))
@@ -186,10 +233,10 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         run = None
+        gc.collect()
         torch.cuda.empty_cache()
     if args.variants:
         torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 64
-        sd, _ = step_speed.load_weights(argparse.Namespace(checkpoint=None), device)
         for variant in args.variants.split(","):
             torch._dynamo.reset()
             fn = step_speed.make_variant(variant, sd, cfg, device)
