@@ -57,9 +57,9 @@ def step_gemm_shapes(cfg, image_tokens: int, text_tokens: int) -> list[tuple[int
 
 
 def calibrated_fp8(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FP8 tensor, its per-tensor scale) of Gaussian values quantized as calibration does: amax at 448. The
-    tensor cores' power depends on the operands' bits: N(0, 0.5) operands, in the first run, held the GEMMs'
-    clock at 1320 MHz where the step's ran at 1740."""
+    """(FP8 tensor, its per-tensor scale) of Gaussian values quantized as calibration does: amax at 448. (The
+    tensor cores' power depends on the operands' bits: on the H100 these, and N(0, 0.5) values at unit scale,
+    held the GEMMs' clock at 1320-1335 MHz, the step's own operands at 1410.)"""
     t = torch.randn(shape, device=device)
     scale = t.abs().amax() / torch.finfo(FP8).max
     return (t / scale).to(FP8), scale.float()
@@ -134,7 +134,11 @@ class NVMLMeter:
     """NVML's energy counter around a run, with the SM clock and power sampled in a thread."""
 
     def __init__(self, index: int):
-        import pynvml
+        try:
+            import pynvml
+        except ImportError:
+            raise SystemExit("step_energy.py reads NVML's energy counter through nvidia-ml-py (import pynvml), "
+                             "which is not installed") from None
 
         self.nvml = pynvml
         pynvml.nvmlInit()
