@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from engines import KONTEXT_DEV, random_state_dict, transformer_from_state_dict  # noqa: E402
 from engines.calibrated_state import save_calibrated_state  # noqa: E402
 from engines.calibration import calibration_forward_loop, default_encoded_pairs  # noqa: E402
+from engines.fp8_attention_fa3 import ATTENTION_KERNELS  # noqa: E402
 from engines.kernel_ops import autotuned_choices  # noqa: E402
 from engines.quantize import output_error, quantize_transformer, use_eager_fp8_fake_quant  # noqa: E402
 from engines.recipes import load_recipe  # noqa: E402
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-attention", action="store_true", help="calibrate without attention quantization")
     p.add_argument("--no-compile", action="store_true", help="run the backend's blocks uncompiled")
     p.add_argument("--no-cuda-graph", action="store_true", help="run each step without the loader's CUDA graph")
-    p.add_argument("--attention-kernel", default="auto", choices=("auto", "triton", "flashattention3"),
+    p.add_argument("--attention-kernel", default="auto", choices=ATTENTION_KERNELS,
                    help="the loader's attention_kernel input (auto: FlashAttention-3 where built on Hopper)")
     p.add_argument("--profile", action="store_true",
                    help="after timing the FP8 runs, profile one CFG 1 sample (GPU busy vs wall time, costliest "

@@ -1,7 +1,7 @@
 """The PyTorch backend: FP8 weights + calibrated scales reproduce ModelOpt's calibrated model."""
 import pytest
 import torch
-from quant_helpers import encoded_pairs, tiny_model
+from quant_helpers import SIZE, encoded_pairs, tiny_model
 
 pytest.importorskip("modelopt.torch.quantization")
 
@@ -213,32 +213,27 @@ def test_compiled_blocks_give_the_uncompiled_outputs(calibrated):
         assert output_error(want[key], got[key])[1] < 1e-4, key
 
 
-def edit_step_at(config, grid: int, sigma: float, guidance: float, seed: int = 0) -> dict:
-    """A batch-1 step's inputs for a grid x grid edit with one same-size reference and 16 text tokens."""
-    from engines.tokens import edit_ids
-
-    g = torch.Generator().manual_seed(seed)
-    return dict(img=torch.randn(1, 2 * grid * grid, config.in_channels, generator=g),
-                img_ids=edit_ids((grid, grid), [(grid, grid)])[None],
-                txt=torch.randn(1, 16, config.context_in_dim, generator=g), txt_ids=torch.zeros(1, 16, 3),
-                timesteps=torch.tensor([sigma]), y=torch.randn(1, config.vec_in_dim, generator=g),
-                guidance=torch.tensor([guidance]))
-
-
 @torch.no_grad()
-def test_compiled_blocks_compile_once_per_sampling_and_once_more_for_all_other_resolutions(calibrated):
+def test_compiled_blocks_compile_once_per_sampling_and_once_more_for_all_other_resolutions(calibrated, tmp_path):
     """As the loader compiles them (Dynamo's defaults): a new sigma, guidance or latent compiles nothing (a step
     that did would recompile every step and, past Dynamo's recompile limit, run uncompiled with only a log line),
     and a user's second resolution compiles each block function once more, into a dynamic-shape graph that serves
     every later resolution."""
     from torch._dynamo.utils import counters
 
+    from engines.accuracy import edit_step_inputs
+    from engines.calibration import StandInEncoder, read_calibration_set, write_default_calibration_set
     from engines.runtime_torch import compile_blocks
 
     _, sd, state, _ = calibrated
     torch._dynamo.reset()  # graphs compiled by earlier tests for these block functions would be reused
     backend = compile_blocks(load_fp8_transformer(sd.__getitem__, state, dtype=torch.float32))
-    config = backend.config
+    pair = read_calibration_set(write_default_calibration_set(tmp_path / "calib", size=SIZE))[0]
+    encode = StandInEncoder(backend.config, n_txt=16)
+
+    def edit_step_at(grid: int, sigma: float, guidance: float, seed: int = 0) -> dict:
+        """A batch-1 step of a grid x grid edit (16-pixel token cells) with one same-size reference."""
+        return edit_step_inputs(encode(pair, 16 * grid), sigma, seed, guidance)
 
     def graphs_compiled_by(*steps):
         before = counters["stats"]["unique_graphs"]
@@ -246,10 +241,10 @@ def test_compiled_blocks_compile_once_per_sampling_and_once_more_for_all_other_r
             backend(**x)
         return counters["stats"]["unique_graphs"] - before
 
-    assert graphs_compiled_by(edit_step_at(config, 8, 0.9, 2.5)) > 0
-    assert graphs_compiled_by(edit_step_at(config, 8, 0.5, 2.5, seed=1), edit_step_at(config, 8, 0.1, 4.0, seed=2)) == 0
-    assert graphs_compiled_by(edit_step_at(config, 6, 0.9, 2.5)) > 0
-    assert graphs_compiled_by(edit_step_at(config, 10, 0.9, 2.5), edit_step_at(config, 7, 0.3, 3.5)) == 0
+    assert graphs_compiled_by(edit_step_at(8, 0.9, 2.5)) > 0
+    assert graphs_compiled_by(edit_step_at(8, 0.5, 2.5, seed=1), edit_step_at(8, 0.1, 4.0, seed=2)) == 0
+    assert graphs_compiled_by(edit_step_at(6, 0.9, 2.5)) > 0
+    assert graphs_compiled_by(edit_step_at(10, 0.9, 2.5), edit_step_at(7, 0.3, 3.5)) == 0
 
 
 def test_compile_blocks_refuses_a_mode_it_does_not_pass_on(calibrated):
