@@ -1,7 +1,7 @@
 """Energy per step on one GPU, and how it splits between the step's FP8 GEMMs and its attention.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/step_energy.py [--variants ...] [--shape 1024r]
-        [--attention flashattention3|triton] [--seconds 10]
+        [--attention flashattention3|triton] [--x-amax-over-std 20,100] [--score-std 2,4] [--seconds 10]
 
 On the lent H100 the pack's step runs at the board's power limit (results/step_speed_fa3_power_h100.json),
 so its time is bounded below by its energy over that limit, and a kernel that is faster at the same energy
@@ -14,11 +14,18 @@ and power sampled every 50 ms in between:
                   FP8Linear runs them)
   gemms:step_operands  the same GEMMs with the step's own operands: each FP8Linear's FP8 input as an
                   uncompiled step made it, through its weights
-  attention       the step's 57 attention calls alone (the FP8 kernel --attention names, Q, K, V made the same
-                  way)
+  gemms:x_amax_over_std=R  the gemms part with heavier-tailed activations (--x-amax-over-std)
+  attention:<kernel>  the step's 57 attention calls alone (the FP8 kernel --attention names, Q, K, V made the
+                  same way, scores of unit variance)
+  attention:<kernel>:step_operands  the same calls with the FP8 Q, K, V the uncompiled step made
+  attention:<kernel>:score_std=S  the attention part with wider scores, a more peaked softmax (--score-std)
   idle            nothing running: the board's floor
-Reports per part: ms and J per step (or step's worth), mean W, median SM clock, and what NVML gives as the
-clock's limiters over the run. Random weights; speed and energy are not asserted by any test.
+Reports per part: ms and J per step (or step's worth), mean W, median SM clock, what NVML gives as the
+clock's limiters over the run, and what the operands were (share of FP8 zeros, spread on the FP8 grid;
+for attention the scores' spread and the share of P rounded to zero): the tensor cores' power depends on the
+bits they multiply, and random weights are not a trained model's, so the data-shaped parts say how far the
+random-weight step's energy could move on real data. Random weights; speed and energy are not asserted by
+any test.
 """
 from __future__ import annotations
 
@@ -55,19 +62,26 @@ def step_gemm_shapes(cfg, image_tokens: int, text_tokens: int) -> list[tuple[int
     return shapes
 
 
-def calibrated_fp8(shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+def calibrated_fp8(shape, device, amax_over_std: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 tensor, its per-tensor scale) of Gaussian values quantized as calibration does: amax at 448. (The
     tensor cores' power depends on the operands' bits: on the H100 these, and N(0, 0.5) values at unit scale,
-    held the GEMMs' clock at 1320-1335 MHz, the step's own operands at 1410.)"""
+    held the GEMMs' clock at 1320-1335 MHz, the step's own operands at 1410.) amax_over_std stands in for
+    heavier tails than a Gaussian's (trained models' outlier channels): the standard deviation is put at
+    448 / amax_over_std, as if calibration had met an outlier that many deviations out, and the few values
+    past 448 saturate."""
     t = torch.randn(shape, device=device)
-    scale = t.abs().amax() / FP8_MAX
-    return (t / scale).to(FP8), scale.float()
+    if amax_over_std is None:
+        scale = t.abs().amax() / FP8_MAX
+        return (t / scale).to(FP8), scale.float()
+    return (t * (FP8_MAX / amax_over_std)).clamp(-FP8_MAX, FP8_MAX).to(FP8), torch.tensor(1.0, device=device)
 
 
-def gemms_part(cfg, image_tokens: int, text_tokens: int, device):
+def gemms_part(cfg, image_tokens: int, text_tokens: int, device, x_amax_over_std: float | None = None):
+    """The step's GEMM shapes on Gaussian operands; x_amax_over_std gives the activations heavier tails (see
+    calibrated_fp8), the weights stay Gaussian."""
     calls = []
     for rows, k, n, count in step_gemm_shapes(cfg, image_tokens, text_tokens):
-        x8, x_scale = calibrated_fp8((rows, k), device)
+        x8, x_scale = calibrated_fp8((rows, k), device, x_amax_over_std)
         w8, w_scale = calibrated_fp8((n, k), device)
         bias = torch.randn(n, device=device, dtype=torch.bfloat16)
         calls.append((x8, x_scale, w8.t(), w_scale, bias, count))
@@ -77,33 +91,91 @@ def gemms_part(cfg, image_tokens: int, text_tokens: int, device):
             for _ in range(count):
                 torch._scaled_mm(x8, wt8, scale_a=x_scale, scale_b=w_scale, bias=bias, out_dtype=torch.bfloat16)
     flops = 2 * sum(rows * k * n * count for rows, k, n, count in step_gemm_shapes(cfg, image_tokens, text_tokens))
-    return run, flops
+    stats = dict(x=fp8_statistics(torch.cat([c[0].flatten()[::97] for c in calls])),
+                 w=fp8_statistics(torch.cat([c[2].flatten()[::97] for c in calls])))
+    return run, flops, stats
 
 
-def step_operands_part(model, x):
-    """The step's own FP8 GEMMs alone: every FP8Linear's FP8 input as one uncompiled step of model made it,
-    replayed through its weights (what the gemms part approximates with Gaussian operands)."""
+def capture_step_operands(model, x) -> tuple[list, list]:
+    """One uncompiled step of model, recording every FP8Linear's FP8 input and every attention kernel call's FP8
+    inputs: ([(layer, x8, out_dtype)], [(op, args)]), for replaying the step's GEMMs and attention alone."""
+    from engines import fp8_attention
     from engines.runtime_torch import FP8Linear
 
-    captured, original = [], FP8Linear.matmul_fp8
+    gemms, attention = [], []
+    matmul, ops = FP8Linear.matmul_fp8, {name: getattr(fp8_attention, name)
+                                         for name in ("fa3_fp8_attention", "fused_fp8_attention")}
 
-    def recording(layer, x8, out_dtype):
-        captured.append((layer, x8.clone(), out_dtype))
-        return original(layer, x8, out_dtype)
-    FP8Linear.matmul_fp8 = recording
+    def recording_matmul(layer, x8, out_dtype):
+        gemms.append((layer, x8.clone(), out_dtype))
+        return matmul(layer, x8, out_dtype)
+
+    def recording(op):
+        def call(*args):
+            attention.append((op, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
+            return op(*args)
+        return call
+    FP8Linear.matmul_fp8 = recording_matmul
+    for name, op in ops.items():
+        setattr(fp8_attention, name, recording(op))
     try:
         with torch.no_grad():
             model(**x)
     finally:
-        FP8Linear.matmul_fp8 = original
+        FP8Linear.matmul_fp8 = matmul
+        for name, op in ops.items():
+            setattr(fp8_attention, name, op)
+    return gemms, attention
+
+
+def fp8_statistics(t8: torch.Tensor) -> dict:
+    """What the tensor cores see of an FP8 operand: the share of exact zeros and the values' standard deviation
+    on the FP8 grid (448 its largest value; calibrated Gaussian values have ~80-90, heavier tails put most values
+    on fewer, smaller codes)."""
+    t = t8.float()
+    return dict(zero_fraction=round((t == 0).float().mean().item(), 4), std=round(t.std().item(), 2))
+
+
+def p_statistics(q8: torch.Tensor, k8: torch.Tensor, scales: torch.Tensor, rows: int = 256) -> dict:
+    """The softmax's spread in one attention call, sampled (every 8th head, `rows` query rows): the scores' standard
+    deviation along a row, and the share of P = exp(score - row max) that the kernels' FP8 P (amax 1) rounds to
+    zero, which the P x V MMA then multiplies. (The kernels subtract a running maximum, so their P differ a little.)"""
+    head_dim = q8.shape[-1]
+    step = max(1, q8.shape[2] // rows)
+    q = q8[0, ::8, ::step].float() * scales[0]
+    k = k8[0, ::8].float() * scales[1]
+    s = q @ k.transpose(-1, -2) / head_dim ** 0.5
+    p8 = ((s - s.amax(-1, keepdim=True)).exp() * FP8_MAX).to(FP8).float()
+    return dict(score_std=round(s.std(-1).mean().item(), 3), p_zero_fraction=round((p8 == 0).float().mean().item(), 4))
+
+
+def step_gemms_part(gemms):
+    """The step's own FP8 GEMMs alone: its captured inputs replayed through their layers' weights (what the gemms
+    part approximates with Gaussian operands)."""
+    from engines.runtime_torch import FP8Linear
 
     def run():
-        for layer, x8, out_dtype in captured:
-            original(layer, x8, out_dtype)
-    return run, 2 * sum(x8.shape[0] * x8.shape[1] * layer.weight.shape[0] for layer, x8, _ in captured)
+        for layer, x8, out_dtype in gemms:
+            FP8Linear.matmul_fp8(layer, x8, out_dtype)
+    stats = dict(x=fp8_statistics(torch.cat([x8.flatten()[::97] for _, x8, _ in gemms])),
+                 w=fp8_statistics(torch.cat([layer.weight.flatten()[::97] for layer, _, _ in gemms])))
+    return run, 2 * sum(x8.shape[0] * x8.shape[1] * layer.weight.shape[0] for layer, x8, _ in gemms), stats
 
 
-def attention_part(cfg, tokens: int, kernel: str, device):
+def step_attention_part(attention, cfg):
+    """The step's own attention calls alone, replayed from their captured FP8 inputs."""
+    def run():
+        for op, args in attention:
+            op(*args)
+    q8 = attention[0][1][0]
+    samples = [p_statistics(args[0], args[1], args[3]) for _, args in attention[::8]]
+    stats = {key: round(statistics.mean(s[key] for s in samples), 4) for key in samples[0]}
+    return run, 4 * len(attention) * cfg.num_heads * q8.shape[2] ** 2 * q8.shape[3], stats
+
+
+def attention_part(cfg, tokens: int, kernel: str, device, score_std: float = 1.0):
+    """The step's attention calls on Gaussian Q, K, V; score_std widens the scores q.k / sqrt(128) from unit
+    variance (the FP8 Q and K are the same bits, their scales grow), so more of each row's P rounds to zero."""
     from engines.fp8_attention import empty_transposed_v
     from engines.fp8_attention_fa3 import default_library, load_fa3
     from engines.fp8_attention_triton import fp8_attention
@@ -111,7 +183,8 @@ def attention_part(cfg, tokens: int, kernel: str, device):
     heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
     (q8, q_scale), (k8, k_scale), (v8, v_scale) = (calibrated_fp8((1, heads, tokens, head_dim), device)
                                                    for _ in range(3))
-    scales = torch.stack([q_scale, k_scale, v_scale])  # scores q.k / sqrt(128) of unit variance
+    widen = score_std ** 0.5
+    scales = torch.stack([q_scale * widen, k_scale * widen, v_scale])
     calls = cfg.depth + cfg.depth_single_blocks
     if kernel == "flashattention3":
         fa3 = load_fa3(str(default_library()))
@@ -126,7 +199,7 @@ def attention_part(cfg, tokens: int, kernel: str, device):
         def run():
             for _ in range(calls):
                 fp8_attention(q8, k8, vt8, scales, torch.bfloat16)
-    return run, 4 * calls * heads * tokens * tokens * head_dim
+    return run, 4 * calls * heads * tokens * tokens * head_dim, p_statistics(q8, k8, scales)
 
 
 class NVMLMeter:
@@ -191,6 +264,10 @@ class NVMLMeter:
                                           for bit, name in names.items() if reasons & bit))
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI checkout (comfy_* variants)")
@@ -198,6 +275,12 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="1024r", help="as step_speed.py's --shapes, one shape")
     p.add_argument("--attention", default="flashattention3", choices=("flashattention3", "triton"),
                    help="the kernel the attention part runs")
+    p.add_argument("--x-amax-over-std", type=_floats, default=[],
+                   help="also run the GEMMs with activations this many standard deviations below their amax "
+                        "(comma-separated; a Gaussian's ~5-6): how the GEMMs' energy depends on their data")
+    p.add_argument("--score-std", type=_floats, default=[],
+                   help="also run the attention with scores of these standard deviations (comma-separated; "
+                        "the attention part's are 1): how its energy depends on how peaked the softmax is")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--out", default="output/step_energy.json")
     args = p.parse_args(argv)
@@ -218,21 +301,35 @@ def main(argv=None) -> int:
     print(json.dumps(rows[-1]), flush=True)
     sd, _ = step_speed.load_weights(argparse.Namespace(checkpoint=None), device)
 
-    def step_operands():
-        gpu_sd = {k: v.to(device) for k, v in sd.items()}
-        model = step_speed.fp8_model(gpu_sd, device, attention=True, attention_kernel=args.attention)
-        del gpu_sd
-        return step_operands_part(model, x)
-    parts = (("gemms", lambda: gemms_part(cfg, image_tokens, text_tokens, device)),
-             ("gemms:step_operands", step_operands),
-             (f"attention:{args.attention}", lambda: attention_part(cfg, image_tokens + text_tokens, args.attention,
-                                                                    device)))
+    captured = {}
+
+    def step_operands(kind):
+        def make():
+            if not captured:
+                gpu_sd = {k: v.to(device) for k, v in sd.items()}
+                model = step_speed.fp8_model(gpu_sd, device, attention=True, attention_kernel=args.attention)
+                del gpu_sd
+                captured["gemms"], captured["attention"] = capture_step_operands(model, x)
+            if kind == "gemms":
+                return step_gemms_part(captured.pop("gemms"))
+            return step_attention_part(captured.pop("attention"), cfg)
+        return make
+    tokens = image_tokens + text_tokens
+    parts = [("gemms", lambda: gemms_part(cfg, image_tokens, text_tokens, device))]
+    parts += [(f"gemms:x_amax_over_std={r:g}", lambda r=r: gemms_part(cfg, image_tokens, text_tokens, device, r))
+              for r in args.x_amax_over_std]
+    parts += [("gemms:step_operands", step_operands("gemms")),
+              (f"attention:{args.attention}:step_operands", step_operands("attention")),
+              (f"attention:{args.attention}", lambda: attention_part(cfg, tokens, args.attention, device))]
+    parts += [(f"attention:{args.attention}:score_std={sd_:g}",
+               lambda sd_=sd_: attention_part(cfg, tokens, args.attention, device, sd_)) for sd_ in args.score_std]
     for name, make in parts:
-        run, flops = make()
+        run, flops, stats = make()
         for _ in range(3):
             run()
         row = dict(part=name, **meter.measure(run, args.seconds))
         row["pflop_per_s"] = round(flops / (row["ms"] / 1000) / 1e15, 3)
+        row["operands"] = stats
         rows.append(row)
         print(json.dumps(row), flush=True)
         run = None
