@@ -1,7 +1,8 @@
 """Energy per step on one GPU, and how it splits between the step's FP8 GEMMs and its attention.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/step_energy.py [--variants ...] [--shape 1024r]
-        [--attention flashattention3|triton] [--x-amax-over-std 20,100] [--score-std 2,4] [--seconds 10]
+        [--attention flashattention3|triton] [--checkpoint PATH] [--x-amax-over-std 20,100] [--score-std 2,4]
+        [--seconds 10]
 
 On the lent H100 the pack's step runs at the board's power limit (results/step_speed_fa3_power_h100.json),
 so its time is bounded below by its energy over that limit, and a kernel that is faster at the same energy
@@ -24,8 +25,8 @@ Reports per part: ms and J per step (or step's worth), mean W, median SM clock, 
 clock's limiters over the run, and what the operands were (share of FP8 zeros, spread on the FP8 grid;
 for attention the scores' spread and the share of P rounded to zero): the tensor cores' power depends on the
 bits they multiply, and random weights are not a trained model's, so the data-shaped parts say how far the
-random-weight step's energy could move on real data. Random weights; speed and energy are not asserted by
-any test.
+random-weight step's energy could move on real data. Random weights unless --checkpoint; speed and energy are
+not asserted by any test.
 """
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from engines import KONTEXT_DEV  # noqa: E402
 from engines.fp8 import FP8, FP8_MAX  # noqa: E402
 
 
@@ -281,6 +281,8 @@ def main(argv=None) -> int:
     p.add_argument("--score-std", type=_floats, default=[],
                    help="also run the attention with scores of these standard deviations (comma-separated; "
                         "the attention part's are 1): how its energy depends on how peaked the softmax is")
+    p.add_argument("--checkpoint", help="a FLUX.1 Kontext [dev] safetensors (BFL or ComfyUI keys), as step_speed.py's; "
+                                        "default: random weights")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--out", default="output/step_energy.json")
     args = p.parse_args(argv)
@@ -294,12 +296,12 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     meter = NVMLMeter(torch.cuda.current_device())
     size, with_ref = step_speed.parse_shape(args.shape)
-    cfg = KONTEXT_DEV
+    # Weights first: a checkpoint's config sets the shapes of every part.
+    sd, cfg = step_speed.load_weights(args, device)
     x = step_speed.step_inputs(cfg, size, with_ref, 1, device)
     image_tokens, text_tokens = x["img"].shape[1], x["txt"].shape[1]
     rows = [dict(part="idle", **meter.measure(None, 3.0))]
     print(json.dumps(rows[-1]), flush=True)
-    sd, _ = step_speed.load_weights(argparse.Namespace(checkpoint=None), device)
 
     captured = {}
 
@@ -348,7 +350,7 @@ def main(argv=None) -> int:
             fn = None
             torch.cuda.empty_cache()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape,
-               tokens=image_tokens + text_tokens, weights="random", **meter.limits())
+               tokens=image_tokens + text_tokens, weights=args.checkpoint or "random", **meter.limits())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
     print(json.dumps(env))
