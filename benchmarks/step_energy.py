@@ -1,8 +1,8 @@
 """Energy per step on one GPU, and how it splits between the step's FP8 GEMMs and its attention.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/step_energy.py [--variants ...] [--shape 1024r]
-        [--attention flashattention3|triton] [--checkpoint PATH] [--x-amax-over-std 20,100] [--score-std 2,4]
-        [--seconds 10]
+        [--attention flashattention3|triton] [--checkpoint PATH] [--x-amax-over-std 20,100]
+        [--w-amax-over-std 20,100] [--score-std 2,4] [--seconds 10]
 
 On the lent H100 the pack's step runs at the board's power limit (results/step_speed_fa3_power_h100.json),
 so its time is bounded below by its energy over that limit, and a kernel that is faster at the same energy
@@ -15,7 +15,8 @@ and power sampled every 50 ms in between:
                   FP8Linear runs them)
   gemms:step_operands  the same GEMMs with the step's own operands: each FP8Linear's FP8 input as an
                   uncompiled step made it, through its weights
-  gemms:x_amax_over_std=R  the gemms part with heavier-tailed activations (--x-amax-over-std)
+  gemms:x_amax_over_std=R, gemms:w_amax_over_std=R  the gemms part with heavier-tailed activations or weights
+                  (--x-amax-over-std, --w-amax-over-std)
   attention:<kernel>  the step's 57 attention calls alone (the FP8 kernel --attention names, Q, K, V made the
                   same way, scores of unit variance)
   attention:<kernel>:step_operands  the same calls with the FP8 Q, K, V the uncompiled step made
@@ -76,13 +77,14 @@ def calibrated_fp8(shape, device, amax_over_std: float | None = None) -> tuple[t
     return (t * (FP8_MAX / amax_over_std)).clamp(-FP8_MAX, FP8_MAX).to(FP8), torch.tensor(1.0, device=device)
 
 
-def gemms_part(cfg, image_tokens: int, text_tokens: int, device, x_amax_over_std: float | None = None):
-    """The step's GEMM shapes on Gaussian operands; x_amax_over_std gives the activations heavier tails (see
-    calibrated_fp8), the weights stay Gaussian."""
+def gemms_part(cfg, image_tokens: int, text_tokens: int, device, x_amax_over_std: float | None = None,
+               w_amax_over_std: float | None = None):
+    """The step's GEMM shapes on Gaussian operands; x_amax_over_std / w_amax_over_std give the activations / the
+    weights heavier tails (see calibrated_fp8)."""
     calls = []
     for rows, k, n, count in step_gemm_shapes(cfg, image_tokens, text_tokens):
         x8, x_scale = calibrated_fp8((rows, k), device, x_amax_over_std)
-        w8, w_scale = calibrated_fp8((n, k), device)
+        w8, w_scale = calibrated_fp8((n, k), device, w_amax_over_std)
         bias = torch.randn(n, device=device, dtype=torch.bfloat16)
         calls.append((x8, x_scale, w8.t(), w_scale, bias, count))
 
@@ -278,6 +280,8 @@ def main(argv=None) -> int:
     p.add_argument("--x-amax-over-std", type=_floats, default=[],
                    help="also run the GEMMs with activations this many standard deviations below their amax "
                         "(comma-separated; a Gaussian's ~5-6): how the GEMMs' energy depends on their data")
+    p.add_argument("--w-amax-over-std", type=_floats, default=[],
+                   help="the same for the weights (the activations then Gaussian)")
     p.add_argument("--score-std", type=_floats, default=[],
                    help="also run the attention with scores of these standard deviations (comma-separated; "
                         "the attention part's are 1): how its energy depends on how peaked the softmax is")
@@ -320,6 +324,8 @@ def main(argv=None) -> int:
     parts = [("gemms", lambda: gemms_part(cfg, image_tokens, text_tokens, device))]
     parts += [(f"gemms:x_amax_over_std={r:g}", lambda r=r: gemms_part(cfg, image_tokens, text_tokens, device, r))
               for r in args.x_amax_over_std]
+    parts += [(f"gemms:w_amax_over_std={r:g}", lambda r=r: gemms_part(cfg, image_tokens, text_tokens, device, None, r))
+              for r in args.w_amax_over_std]
     parts += [("gemms:step_operands", step_operands("gemms")),
               (f"attention:{args.attention}:step_operands", step_operands("attention")),
               (f"attention:{args.attention}", lambda: attention_part(cfg, tokens, args.attention, device))]
