@@ -278,8 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="flashattention3", choices=("flashattention3", "triton"),
                    help="the kernel the attention part runs")
     p.add_argument("--x-amax-over-std", type=_floats, default=[],
-                   help="also run the GEMMs with activations this many standard deviations below their amax "
-                        "(comma-separated; a Gaussian's ~5-6): how the GEMMs' energy depends on their data")
+                   help="also run the GEMMs with activations whose calibrated amax lies this many standard deviations "
+                        "out (comma-separated; a Gaussian's ~5-6): how the GEMMs' energy depends on their data")
     p.add_argument("--w-amax-over-std", type=_floats, default=[],
                    help="the same for the weights (the activations then Gaussian)")
     p.add_argument("--score-std", type=_floats, default=[],
@@ -329,8 +329,9 @@ def main(argv=None) -> int:
     parts += [("gemms:step_operands", step_operands("gemms")),
               (f"attention:{args.attention}:step_operands", step_operands("attention")),
               (f"attention:{args.attention}", lambda: attention_part(cfg, tokens, args.attention, device))]
-    parts += [(f"attention:{args.attention}:score_std={sd_:g}",
-               lambda sd_=sd_: attention_part(cfg, tokens, args.attention, device, sd_)) for sd_ in args.score_std]
+    parts += [(f"attention:{args.attention}:score_std={spread:g}",
+               lambda spread=spread: attention_part(cfg, tokens, args.attention, device, spread))
+              for spread in args.score_std]
     for name, make in parts:
         run, flops, stats = make()
         for _ in range(3):
