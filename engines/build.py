@@ -23,7 +23,7 @@ from .calibrated_state import load_calibrated_state, save_calibrated_state
 from .calibration import CalibrationCancelled, EncodedPair, calibration_forward_loop
 from .engine_store import EngineRequest, EngineStore, state_dict_fingerprint
 from .offload import blocks_streamed_to, move_quantizer_state
-from .onnx_export import export_onnx
+from .onnx_export import check_export_dependencies, export_onnx
 from .quantize import quantize_transformer
 from .recipes import Recipe
 from .shape_profiles import ShapeProfile
@@ -98,6 +98,7 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
     state_path = store.root / f"{request.name()}.calibration.safetensors"
     if cached is not None:
         return BuildResult(cached, state_path if state_path.is_file() else None, cached=True)
+    check_export_dependencies(recipe)  # a cached engine needs no export
 
     if low_vram and (recipe.algorithm["method"] != "max" or recipe.needs_cuda):
         raise ValueError(f"low_vram: supports recipes with max calibration and CPU-capable formats (fp8), not "

@@ -11,6 +11,7 @@ full model into memory a second time (measured: 46 GiB peak instead of 24).
 from __future__ import annotations
 
 import contextlib
+import importlib
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from .contract import INPUT_NAMES, OUTPUT_NAME
 from .tokens import example_inputs
 
 OPSET = 20
+# ModelOpt's NVFP4 exporter; importing it imports ModelOpt's "onnx" extra (onnx-graphsurgeon, onnxslim, lief).
+NVFP4_EXPORTER = "modelopt.onnx.export.nvfp4_exporter"
 
 DYNAMIC_AXES = {
     "img": {0: "batch", 1: "image_tokens"}, "img_ids": {0: "batch", 1: "image_tokens"},
@@ -26,6 +29,25 @@ DYNAMIC_AXES = {
     "timesteps": {0: "batch"}, "y": {0: "batch"}, "guidance": {0: "batch"},
     OUTPUT_NAME: {0: "batch", 1: "image_tokens"},
 }
+
+
+class ExportDependencyMissing(RuntimeError):
+    """A package the ONNX export of this recipe needs is not importable."""
+
+
+def check_export_dependencies(recipe) -> None:
+    """Import what exporting `recipe` will import, so a missing package fails the build before calibration
+    (minutes to hours of it) rather than after."""
+    if not recipe.exports_block_quantized_weights:
+        return
+    try:
+        importlib.import_module(NVFP4_EXPORTER)
+    except ImportError as e:
+        raise ExportDependencyMissing(
+            f"recipe {recipe.name}: its NVFP4 weights are exported by ModelOpt's NVFP4 ONNX exporter "
+            f"({NVFP4_EXPORTER}), which cannot be imported: {e}. Install the pack's requirements into "
+            "ComfyUI's Python (`pip install -r requirements.txt`: onnx-graphsurgeon, onnxslim and lief are "
+            "ModelOpt's ONNX dependencies)") from e
 
 
 def export_onnx(model, path: str | Path, batch: int = 1, target: tuple[int, int] = (4, 4), n_txt: int = 8) -> Path:

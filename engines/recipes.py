@@ -63,6 +63,13 @@ class Recipe:
                               "attention quantization off")
 
     @property
+    def exports_block_quantized_weights(self) -> bool:
+        """Weights in a per-block format (NVFP4) leave through ModelOpt's NVFP4 ONNX exporter (onnx_export)."""
+        weights = ({self.gemm["weights"]} | {f for _, f, _ in self.weight_only}
+                   | {w for _, w, _, _ in self.gemm_overrides})
+        return any("block_sizes" in FORMATS[f] for f in weights)
+
+    @property
     def rewrites_weights(self) -> bool:
         """SVDQuant subtracts the low-rank branch and AWQ-smooths the weights in place."""
         return self.algorithm["method"] == "svdquant"

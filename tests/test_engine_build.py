@@ -1,4 +1,6 @@
 """ONNX export and a real TensorRT-RTX engine build, on a CPU-only machine, from a tiny calibrated FP8 model."""
+import sys
+
 import pytest
 import torch
 from quant_helpers import CFG, encoded_pairs
@@ -9,6 +11,7 @@ trt_rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (tensorrt-rtx
 from engines import INPUT_NAMES, random_state_dict  # noqa: E402
 from engines.build import build_kontext_engine  # noqa: E402
 from engines.engine_store import EngineStore  # noqa: E402
+from engines.onnx_export import NVFP4_EXPORTER, ExportDependencyMissing  # noqa: E402
 from engines.recipes import load_recipe  # noqa: E402
 from engines.shape_profiles import named_profile  # noqa: E402
 from engines.tensorrt_build import EngineBuildCancelled, EngineBuildError, build_engine, import_tensorrt  # noqa: E402
@@ -102,6 +105,21 @@ def test_failed_build_leaves_no_engine(sd, pairs, tmp_path, monkeypatch):
     with pytest.raises(EngineBuildError, match="TensorRT said no"):
         build(sd, pairs, store)
     assert not [n for n in files(store) if n.endswith((".engine", ".json", ".onnx", ".partial"))]
+
+
+def test_nvfp4_build_without_modelopts_onnx_extra_fails_before_calibration(sd, pairs, tmp_path, monkeypatch):
+    # None in sys.modules makes the import fail as a missing onnx-graphsurgeon or lief does inside ModelOpt.
+    monkeypatch.setitem(sys.modules, NVFP4_EXPORTER, None)
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated although the export could not run")
+
+    monkeypatch.setattr("engines.build.calibrate_or_resume", no_calibration)
+    store = EngineStore(tmp_path / "tensorrt")
+    with pytest.raises(ExportDependencyMissing, match=r"recipe nvfp4: .*nvfp4_exporter.*pip install -r requirements.txt"):
+        build_kontext_engine(sd, load_recipe("nvfp4", attention=False), [named_profile("kontext_1ref")], pairs,
+                             steps=2, store=store, compute_capability=(12, 0), trt=import_tensorrt("tensorrt_rtx"))
+    assert not store.root.exists() or files(store) == []
 
 
 def test_parse_failure_carries_tensorrt_text(tmp_path):

@@ -93,3 +93,21 @@ def test_unexportable_attention_is_refused_before_any_work():
     load_recipe("nvfp4", attention=False).check_exportable()
     with pytest.raises(RecipeError, match=r"recipe nvfp4: attention with fp8_per_block32_dynamic Q/K has no TensorRT export"):
         load_recipe("nvfp4").check_exportable()
+
+
+def test_only_recipes_with_block_quantized_weights_need_the_nvfp4_exporter(tmp_path, monkeypatch):
+    import sys
+
+    from engines.onnx_export import NVFP4_EXPORTER, ExportDependencyMissing, check_export_dependencies
+
+    fp8_with_one_nvfp4_layer = load_recipe(broken(tmp_path, lambda d: d.update(name="fp8_nvfp4_linear2", gemm_overrides=[
+        {"layers": "single_blocks.*.linear2", "weights": "nvfp4_block16", "activations": "nvfp4_block16", "why": "x"}])))
+    assert not load_recipe("fp8").exports_block_quantized_weights
+    assert fp8_with_one_nvfp4_layer.exports_block_quantized_weights
+    assert load_recipe("nvfp4").exports_block_quantized_weights
+    assert load_recipe("svdquant_nvfp4").exports_block_quantized_weights
+
+    monkeypatch.setitem(sys.modules, NVFP4_EXPORTER, None)  # as if ModelOpt's "onnx" extra were missing
+    check_export_dependencies(load_recipe("fp8"))  # FP8 exports through torch.onnx alone
+    with pytest.raises(ExportDependencyMissing, match=r"recipe fp8_nvfp4_linear2: .*nvfp4_exporter.*cannot be imported"):
+        check_export_dependencies(fp8_with_one_nvfp4_layer)
