@@ -53,7 +53,7 @@ from engines.fp8 import FP8, FP8_MAX, quantize_fp8  # noqa: E402
 def step_gemm_shapes(cfg, image_tokens: int, text_tokens: int) -> list[tuple[int, int, int, int]]:
     """(rows, in_features, out_features, calls) of one batch-1 step's token GEMMs: the double blocks' image and
     text streams (QKV, projection, MLP up and down) and the single blocks' two linears."""
-    h, mlp = cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio)
+    h, mlp = cfg.hidden_size, cfg.mlp_hidden_dim
     shapes = []
     for rows in (image_tokens, text_tokens):
         shapes += [(rows, h, 3 * h, cfg.depth), (rows, h, h, cfg.depth), (rows, h, mlp, cfg.depth),
@@ -183,7 +183,7 @@ def attention_part(cfg, tokens: int, kernel: str, device, score_std: float = 1.0
     from engines.fp8_attention_fa3 import default_library, load_fa3
     from engines.fp8_attention_triton import fp8_attention
 
-    heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+    heads, head_dim = cfg.num_heads, cfg.head_dim
     (q8, q_scale), (k8, k_scale), (v8, v_scale) = (calibrated_fp8((1, heads, tokens, head_dim), device)
                                                    for _ in range(3))
     widen = score_std ** 0.5

@@ -87,9 +87,9 @@ def _compress_nvfp4_weights(path: Path) -> None:
     """ModelOpt's NVFP4 exporter: 16-bit weights behind FP4 Q/DQ -> packed FP4 weights + two DQ (what
     TensorRT's parser takes). It works on the loaded model, so the ONNX is held in memory once here."""
     import onnx
-    from modelopt.onnx.export.nvfp4_exporter import NVFP4QuantExporter
 
-    proto = NVFP4QuantExporter.process_model(onnx.load(str(path), load_external_data=True))
+    exporter = importlib.import_module(NVFP4_EXPORTER).NVFP4QuantExporter  # the module check_export_dependencies checks
+    proto = exporter.process_model(onnx.load(str(path), load_external_data=True))
     external = sum(len(t.raw_data) for t in proto.graph.initializer) > 2**31 - 1  # protobuf's 2 GB limit
     for f in path.parent.iterdir():
         if f != path:

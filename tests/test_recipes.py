@@ -1,9 +1,11 @@
 """Recipe files: the shipped ones parse; broken ones fail naming the file and the field, before calibration."""
 import json
+import sys
 
 import pytest
 from quant_helpers import tiny_model
 
+from engines.onnx_export import NVFP4_EXPORTER, ExportDependencyMissing, check_export_dependencies
 from engines.recipes import RECIPE_DIR, RecipeError, available_recipes, load_recipe
 
 
@@ -96,12 +98,10 @@ def test_unexportable_attention_is_refused_before_any_work():
 
 
 def test_only_recipes_with_block_quantized_weights_need_the_nvfp4_exporter(tmp_path, monkeypatch):
-    import sys
-
-    from engines.onnx_export import NVFP4_EXPORTER, ExportDependencyMissing, check_export_dependencies
-
-    fp8_with_one_nvfp4_layer = load_recipe(broken(tmp_path, lambda d: d.update(name="fp8_nvfp4_linear2", gemm_overrides=[
-        {"layers": "single_blocks.*.linear2", "weights": "nvfp4_block16", "activations": "nvfp4_block16", "why": "x"}])))
+    nvfp4_linear2 = {"layers": "single_blocks.*.linear2", "weights": "nvfp4_block16", "activations": "nvfp4_block16",
+                     "why": "x"}
+    fp8_with_one_nvfp4_layer = load_recipe(broken(tmp_path, lambda d: d.update(name="fp8_nvfp4_linear2",
+                                                                                gemm_overrides=[nvfp4_linear2])))
     assert not load_recipe("fp8").exports_block_quantized_weights
     assert fp8_with_one_nvfp4_layer.exports_block_quantized_weights
     assert load_recipe("nvfp4").exports_block_quantized_weights
