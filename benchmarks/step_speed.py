@@ -4,7 +4,8 @@
         [--shapes 1024r,1024,512r,512,1392r,1392] [--checkpoint flux1-kontext-dev.safetensors]
 
 One step = one transformer call. A shape is the edit's side in pixels, with "r" for one same-size
-reference image (1024r: 4096 + 4096 image tokens + 512 text tokens = 8704), at sigma 0.7 on a held-out
+reference image (1024r: 4096 + 4096 image tokens + 512 text tokens = 8704; --text-tokens 256, what ComfyUI
+sends for a prompt of up to 256 T5 tokens: 8448), at sigma 0.7 on a held-out
 pair of the default calibration set. Random weights unless --checkpoint is given (the speed does not
 depend on them). Reports per variant, shape and batch:
 median ms per step over --iters calls after warm-up (CUDA events), the ratio to ComfyUI BF16 eager,
@@ -79,13 +80,13 @@ def parse_shape(shape: str) -> tuple[int, bool]:
         raise SystemExit(f"--shapes: {shape!r} is not a side in pixels with an optional 'r' (e.g. 1024r)") from None
 
 
-def step_inputs(cfg, size: int, reference: bool, batch: int, device):
+def step_inputs(cfg, size: int, reference: bool, batch: int, device, text_tokens: int = 512):
     """One sampling step's inputs at sigma 0.7 for a held-out pair of the default calibration set (encoded by
     StandInEncoder; calibration uses the first pair), so the cosine column measures what calibration covers."""
     from engines.accuracy import edit_step_inputs
     from engines.calibration import default_encoded_pairs
 
-    pair = default_encoded_pairs(cfg, size)[-1]
+    pair = default_encoded_pairs(cfg, size, n_txt=text_tokens)[-1]
     x = edit_step_inputs(pair, sigma=0.7, seed=0, device=device, dtype=torch.bfloat16)
     if not reference:
         x["img"] = x["img"][:, :pair.reference.shape[1]]
@@ -229,6 +230,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default="1,2")
     p.add_argument("--shapes", default="1024r", help="comma-separated sides in pixels, 'r' = with one reference")
     p.add_argument("--checkpoint", help="a FLUX.1 Kontext [dev] safetensors (BFL or ComfyUI keys); default: random")
+    p.add_argument("--text-tokens", type=int, default=512,
+                   help="T5 tokens a step attends over: 512 as BFL's reference pads them (issue 7's shape); ComfyUI "
+                        "pads a prompt to 256 and sends more only for a longer one")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--profile", action="store_true",
@@ -263,13 +267,13 @@ def main(argv=None) -> int:
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     # Drawn and encoded once, used by every variant (all shapes stay on the GPU: tens of MB in the peak column).
-    inputs = {(size, with_ref, batch): step_inputs(cfg, size, with_ref, batch, device)
+    inputs = {(size, with_ref, batch): step_inputs(cfg, size, with_ref, batch, device, args.text_tokens)
               for size, with_ref in shapes for batch in batches}
     import triton
 
     env = dict(gpu=torch.cuda.get_device_name(), driver=_driver_version(), torch=torch.__version__,
                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), triton=triton.__version__,
-               weights=args.checkpoint or "random", dynamo_defaults=args.dynamo_defaults)
+               weights=args.checkpoint or "random", dynamo_defaults=args.dynamo_defaults, text_tokens=args.text_tokens)
     rows, reference = [], {}
     for name in args.variants.split(","):
         # Dynamo keeps compiled graphs per function, not per model: without this a variant whose blocks compile
