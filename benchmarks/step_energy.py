@@ -21,6 +21,9 @@ and power sampled every 50 ms in between:
                   same way, scores of unit variance)
   attention:<kernel>:step_operands  the same calls with the FP8 Q, K, V the uncompiled step made
   attention:<kernel>:score_std=S  the attention part with wider scores, a more peaked softmax (--score-std)
+  gemms+attention:step_order  the step's own GEMMs and attention calls, with its operands, interleaved in the
+                  order the step runs them and nothing else: the step's kernels without its elementwise work, at
+                  the clocks that mix draws (the two parts above each run alone, at clocks of their own)
   idle            nothing running: the board's floor
 Reports per part: ms and J per step (or step's worth), mean W, median SM clock, what NVML gives as the
 clock's limiters over the run, and what the operands were (share of FP8 zeros, spread on the FP8 grid;
@@ -99,22 +102,25 @@ def gemms_part(cfg, image_tokens: int, text_tokens: int, device, x_amax_over_std
     return run, flops, stats
 
 
-def capture_step_operands(model, x) -> tuple[list, list]:
+def capture_step_operands(model, x) -> tuple[list, list, list]:
     """One uncompiled step of model, recording every FP8Linear's FP8 input and every attention kernel call's FP8
-    inputs: ([(layer, x8, out_dtype)], [(op, args)]), for replaying the step's GEMMs and attention alone."""
+    inputs: ([(layer, x8, out_dtype)], [(op, args)], order), for replaying the step's GEMMs and attention alone or
+    together; order lists ("gemm" | "attention", index) in the order the step made the calls."""
     from engines import fp8_attention
     from engines.runtime_torch import FP8Linear
 
-    gemms, attention = [], []
+    gemms, attention, order = [], [], []
     matmul, ops = FP8Linear.matmul_fp8, {name: getattr(fp8_attention, name)
                                          for name in ("fa3_fp8_attention", "fused_fp8_attention")}
 
     def recording_matmul(layer, x8, out_dtype):
+        order.append(("gemm", len(gemms)))
         gemms.append((layer, x8.clone(), out_dtype))
         return matmul(layer, x8, out_dtype)
 
     def recording(op):
         def call(*args):
+            order.append(("attention", len(attention)))
             attention.append((op, [a.clone() if isinstance(a, torch.Tensor) else a for a in args]))
             return op(*args)
         return call
@@ -128,7 +134,7 @@ def capture_step_operands(model, x) -> tuple[list, list]:
         FP8Linear.matmul_fp8 = matmul
         for name, op in ops.items():
             setattr(fp8_attention, name, op)
-    return gemms, attention
+    return gemms, attention, order
 
 
 def fp8_statistics(t8: torch.Tensor) -> dict:
@@ -162,7 +168,16 @@ def step_gemms_part(gemms):
             FP8Linear.matmul_fp8(layer, x8, out_dtype)
     stats = dict(x=fp8_statistics(torch.cat([x8.flatten()[::97] for _, x8, _ in gemms])),
                  w=fp8_statistics(torch.cat([layer.weight.flatten()[::97] for layer, _, _ in gemms])))
-    return run, 2 * sum(x8.shape[0] * x8.shape[1] * layer.weight.shape[0] for layer, x8, _ in gemms), stats
+    return run, step_gemm_flops(gemms), stats
+
+
+def step_gemm_flops(gemms) -> int:
+    return 2 * sum(x8.shape[0] * x8.shape[1] * layer.weight.shape[0] for layer, x8, _ in gemms)
+
+
+def step_attention_flops(attention, cfg) -> int:
+    q8 = attention[0][1][0]
+    return 4 * len(attention) * cfg.num_heads * q8.shape[2] ** 2 * q8.shape[3]
 
 
 def step_attention_part(attention, cfg):
@@ -170,10 +185,26 @@ def step_attention_part(attention, cfg):
     def run():
         for op, args in attention:
             op(*args)
-    q8 = attention[0][1][0]
     samples = [p_statistics(args[0], args[1], args[3]) for _, args in attention[::8]]
     stats = {key: round(statistics.mean(s[key] for s in samples), 4) for key in samples[0]}
-    return run, 4 * len(attention) * cfg.num_heads * q8.shape[2] ** 2 * q8.shape[3], stats
+    return run, step_attention_flops(attention, cfg), stats
+
+
+def step_kernels_part(gemms, attention, order, cfg):
+    """The step's own GEMMs and attention calls replayed in the step's order, nothing between them: what the step's
+    time would be if its elementwise work cost nothing, at the power and clocks of the GEMM / attention mix."""
+    from engines.runtime_torch import FP8Linear
+
+    calls = [gemms[i] if kind == "gemm" else attention[i] for kind, i in order]
+
+    def run():
+        for call in calls:
+            if isinstance(call[0], FP8Linear):
+                FP8Linear.matmul_fp8(*call)
+            else:
+                call[0](*call[1])
+    flops = step_gemm_flops(gemms) + step_attention_flops(attention, cfg)
+    return run, flops, dict(gemm_calls=len(gemms), attention_calls=len(attention))
 
 
 def attention_part(cfg, tokens: int, kernel: str, device, score_std: float = 1.0):
@@ -316,10 +347,13 @@ def main(argv=None) -> int:
                 gpu_sd = {k: v.to(device) for k, v in sd.items()}
                 model = step_speed.fp8_model(gpu_sd, device, attention=True, attention_kernel=args.attention)
                 del gpu_sd
-                captured["gemms"], captured["attention"] = capture_step_operands(model, x)
+                captured["gemms"], captured["attention"], captured["order"] = capture_step_operands(model, x)
             if kind == "gemms":
-                return step_gemms_part(captured.pop("gemms"))
-            return step_attention_part(captured.pop("attention"), cfg)
+                return step_gemms_part(captured["gemms"])
+            if kind == "attention":
+                return step_attention_part(captured["attention"], cfg)
+            # the last of the three: the captured operands (several GB) are freed after it
+            return step_kernels_part(captured.pop("gemms"), captured.pop("attention"), captured.pop("order"), cfg)
         return make
     tokens = image_tokens + text_tokens
     parts = [("gemms", lambda: gemms_part(cfg, image_tokens, text_tokens, device))]
@@ -329,6 +363,7 @@ def main(argv=None) -> int:
               for r in args.w_amax_over_std]
     parts += [("gemms:step_operands", step_operands("gemms")),
               (f"attention:{args.attention}:step_operands", step_operands("attention")),
+              ("gemms+attention:step_order", step_operands("kernels")),
               (f"attention:{args.attention}", lambda: attention_part(cfg, tokens, args.attention, device))]
     parts += [(f"attention:{args.attention}:score_std={spread:g}",
                lambda spread=spread: attention_part(cfg, tokens, args.attention, device, spread))
