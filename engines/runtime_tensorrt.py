@@ -20,6 +20,8 @@ from .contract import INPUT_NAMES, OUTPUT_NAME, check_inputs
 from .shape_profiles import ProfileError, ShapeProfile
 
 TORCH_DTYPES = {"HALF": torch.float16, "BF16": torch.bfloat16, "FLOAT": torch.float32}
+# IExecutionContext.set_tensor_address: "The pointer must have at least 256-byte alignment."
+TENSORRT_ALIGNMENT = 256
 
 
 class EngineMismatch(RuntimeError):
@@ -112,24 +114,62 @@ class TensorRTBackend(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _run(self, profile: int, inputs: dict[str, Tensor]) -> Tensor:
+        img = inputs["img"]
+        if not img.is_cuda:  # TensorRT would read a host address as a device one
+            raise ValueError(f"engine: inputs must be on a CUDA device, got {img.device}")
         self._ensure_loaded()
-        stream = torch.cuda.current_stream().cuda_stream  # ComfyUI's stream: no sync with other work needed
+        stream = torch.cuda.current_stream(img.device).cuda_stream  # ComfyUI's stream: no sync with other work needed
         if self._profile != profile:
             self._context.set_optimization_profile_async(profile, stream)
             self._profile = profile
-        bound = {}
-        for name, t in inputs.items():
-            t = t.to(self.io_dtypes[name]).contiguous()  # no-op when ComfyUI already sends the engine's dtype
-            bound[name] = t  # keep alive until the engine has run
-            self._context.set_input_shape(name, tuple(t.shape))
-            self._context.set_tensor_address(name, t.data_ptr())
-        img = inputs["img"]
-        out = torch.empty((img.shape[0], img.shape[1], self.config.out_channels), dtype=self.io_dtypes[OUTPUT_NAME],
-                          device=img.device)
-        self._context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-        if not self._context.execute_async_v3(stream):
-            raise RuntimeError("TensorRT: execute_async_v3 failed (see ComfyUI's log for TensorRT's message)")
+        out = aligned_empty((img.shape[0], img.shape[1], self.config.out_channels), self.io_dtypes[OUTPUT_NAME],
+                            img.device)
+        enqueue(self._context, stream, inputs, self.io_dtypes, out)
         return out
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    """An uninitialised tensor at a TENSORRT_ALIGNMENT-aligned address. PyTorch's CUDA allocator happens to
+    align blocks to 512 bytes, its CPU one to 64; carving the tensor out of a byte buffer makes the alignment
+    TensorRT requires a property of this code on any device, not of an allocator's internals."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    buffer = torch.empty(nbytes + TENSORRT_ALIGNMENT - 1, dtype=torch.uint8, device=device)
+    offset = -buffer.data_ptr() % TENSORRT_ALIGNMENT
+    return buffer[offset:offset + nbytes].view(dtype).view(shape)
+
+
+def engine_ready(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t as an engine reads it: in dtype, contiguous, at an aligned address. A tensor ComfyUI allocated in the
+    engine's dtype passes through untouched; a batch piece (plan_batches) is a view at an offset, e.g. a [B]
+    timestep's third row sits 8 bytes in, and is copied."""
+    t = t.to(dtype).contiguous()
+    if t.data_ptr() % TENSORRT_ALIGNMENT == 0:
+        return t
+    aligned = aligned_empty(tuple(t.shape), dtype, t.device)
+    aligned.copy_(t)
+    return aligned
+
+
+def enqueue(context, stream: int, inputs: dict[str, Tensor], dtypes: dict[str, torch.dtype], out: Tensor) -> list[Tensor]:
+    """Bind inputs and out to an execution context whose optimization profile is set, and enqueue it on stream.
+    Returns the bound tensors. Copies made here may be freed once this returns: PyTorch's allocator reuses a
+    block only in order on the stream that made it, which is the stream the engine runs on."""
+    bound = []
+    for name, t in inputs.items():
+        t = engine_ready(t, dtypes[name])
+        if not context.set_input_shape(name, tuple(t.shape)):
+            raise ProfileError(f"engine: input {name} of shape {tuple(t.shape)} is outside the selected profile "
+                               "(see ComfyUI's log for TensorRT's message)")
+        if not context.set_tensor_address(name, t.data_ptr()):
+            raise EngineMismatch(f"engine: has no input named {name}; it was not built from this pack's contract")
+        bound.append(t)
+    if out.data_ptr() % TENSORRT_ALIGNMENT:
+        raise ValueError(f"engine: output buffer at {out.data_ptr():#x} is not {TENSORRT_ALIGNMENT}-byte aligned")
+    if not context.set_tensor_address(OUTPUT_NAME, out.data_ptr()):
+        raise EngineMismatch(f"engine: has no output named {OUTPUT_NAME}; it was not built from this pack's contract")
+    if not context.execute_async_v3(stream):
+        raise RuntimeError("TensorRT: execute_async_v3 failed (see ComfyUI's log for TensorRT's message)")
+    return bound
 
 
 def engine_device_bytes(engine_path: str | Path) -> int:

@@ -1,5 +1,6 @@
 """The TensorRT backend's decisions, without a GPU: engine/machine mismatches, profile choice, batch split."""
 import pytest
+import torch
 
 from engines.runtime_tensorrt import Chunk, EngineMismatch, check_engine_metadata, plan_batches
 from engines.shape_profiles import ProfileError, ShapeProfile, named_profile
@@ -55,3 +56,84 @@ def test_backend_choice():
         choose_backend("tensorrt", META, rtx, None)
     with pytest.raises(ValueError, match="backend: expected"):
         choose_backend("onnx", META, rtx, (8, 9))
+
+
+class RecordingContext:
+    """The IExecutionContext calls `enqueue` makes, answering as TensorRT documents them (True on success) and
+    recording what was bound. `profile` is the selected profile's accepted shapes; `names` the engine's I/O."""
+
+    def __init__(self, profile: dict, names: tuple[str, ...], executes: bool = True):
+        self.profile, self.names, self.executes = profile, names, executes
+        self.shapes, self.addresses, self.stream = {}, {}, None
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = shape
+        return shape == self.profile.get(name, shape)
+
+    def set_tensor_address(self, name, address):
+        if name not in self.names:
+            return False
+        self.addresses[name] = address
+        return True
+
+    def execute_async_v3(self, stream):
+        self.stream = stream
+        return self.executes
+
+
+def _batch_of(batch: int, image_tokens: int = 6, text_tokens: int = 4):
+    from engines.config import tiny_config
+    from engines.contract import INPUT_NAMES
+
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(0)
+    shapes = dict(img=(batch, image_tokens, cfg.in_channels), img_ids=(batch, image_tokens, 3),
+                  txt=(batch, text_tokens, cfg.context_in_dim), txt_ids=(batch, text_tokens, 3), timesteps=(batch,),
+                  y=(batch, cfg.vec_in_dim), guidance=(batch,))
+    return cfg, {name: torch.randn(shapes[name], generator=g) for name in INPUT_NAMES}
+
+
+ENGINE_DTYPES = dict(img=torch.bfloat16, img_ids=torch.float32, txt=torch.bfloat16, txt_ids=torch.float32,
+                     timesteps=torch.float32, y=torch.bfloat16, guidance=torch.float32, out=torch.bfloat16)
+
+
+def test_enqueue_binds_a_batch_piece_aligned_and_in_the_engines_dtypes():
+    from engines.runtime_tensorrt import TENSORRT_ALIGNMENT, aligned_empty, enqueue
+
+    cfg, inputs = _batch_of(5)
+    piece = {name: t[2:4] for name, t in inputs.items()}  # what forward hands _run for Chunk(0, 2, 4)
+    assert piece["timesteps"].data_ptr() - inputs["timesteps"].data_ptr() == 8  # 8 bytes in: not aligned
+    out = aligned_empty((2, 6, cfg.out_channels), ENGINE_DTYPES["out"], "cpu")
+    context = RecordingContext({}, tuple(ENGINE_DTYPES))
+    bound = enqueue(context, 7, piece, ENGINE_DTYPES, out)
+    assert context.stream == 7 and context.addresses["out"] == out.data_ptr()
+    for name, t in zip(piece, bound):
+        assert context.addresses[name] == t.data_ptr() and t.data_ptr() % TENSORRT_ALIGNMENT == 0, name
+        assert context.shapes[name] == tuple(piece[name].shape), name
+        assert t.dtype == ENGINE_DTYPES[name] and t.is_contiguous(), name
+        assert torch.equal(t, piece[name].to(ENGINE_DTYPES[name])), name
+
+
+def test_engine_ready_passes_an_aligned_tensor_in_the_engines_dtype_through_uncopied():
+    from engines.runtime_tensorrt import aligned_empty, engine_ready
+
+    t = aligned_empty((3, 4), torch.bfloat16, "cpu").fill_(1.5)
+    assert engine_ready(t, torch.bfloat16).data_ptr() == t.data_ptr()
+    assert engine_ready(t, torch.float32).data_ptr() != t.data_ptr()
+
+
+def test_enqueue_names_what_the_engine_refused():
+    from engines.runtime_tensorrt import aligned_empty, enqueue
+
+    cfg, inputs = _batch_of(1, text_tokens=600)
+    out = aligned_empty((1, 6, cfg.out_channels), ENGINE_DTYPES["out"], "cpu")
+    outside = RecordingContext({"txt": (1, 4, cfg.context_in_dim)}, tuple(ENGINE_DTYPES))
+    with pytest.raises(ProfileError, match=r"input txt of shape \(1, 600, \d+\) is outside the selected profile"):
+        enqueue(outside, 0, inputs, ENGINE_DTYPES, out)
+    no_guidance = RecordingContext({}, tuple(n for n in ENGINE_DTYPES if n != "guidance"))
+    with pytest.raises(EngineMismatch, match="has no input named guidance"):
+        enqueue(no_guidance, 0, inputs, ENGINE_DTYPES, out)
+    with pytest.raises(RuntimeError, match="execute_async_v3 failed"):
+        enqueue(RecordingContext({}, tuple(ENGINE_DTYPES), executes=False), 0, inputs, ENGINE_DTYPES, out)
+    with pytest.raises(ValueError, match="output buffer at 0x[0-9a-f]+ is not 256-byte aligned"):
+        enqueue(RecordingContext({}, tuple(ENGINE_DTYPES)), 0, inputs, ENGINE_DTYPES, out.view(-1)[1:])
