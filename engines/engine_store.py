@@ -86,7 +86,7 @@ class EngineStore:
         meta = json.loads(sidecar.read_text())
         return path if meta.get("request_key") == request.key() else None
 
-    def save(self, request: EngineRequest, engine: bytes, metadata: dict) -> Path:
+    def save(self, request: EngineRequest, engine: bytes | memoryview, metadata: dict) -> Path:
         path = self.engine_path(request.name())
         sidecar = dict(metadata, format=SIDECAR_FORMAT, request_key=request.key(), engine_file=path.name,
                        engine_bytes=len(engine), engine_sha256=hashlib.sha256(engine).hexdigest(), request=request.__dict__)

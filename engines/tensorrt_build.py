@@ -32,7 +32,7 @@ class EngineBuildCancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class BuiltEngine:
-    serialized: bytes
+    serialized: memoryview  # of TensorRT's IHostMemory (see build_engine)
     io: dict[str, tuple[str, tuple[int, ...]]]  # {name: (dtype, shape)} as TensorRT parsed the network
 
 
@@ -180,5 +180,7 @@ def build_engine(onnx_path: str | Path, cfg: KontextConfig, profiles: list[Shape
 
         data = bytes(config.get_timing_cache().serialize())
         write_atomically(timing_cache, lambda tmp: tmp.write_bytes(data))
-    return BuiltEngine(bytes(serialized), io)
+    # A view of TensorRT's buffer, not bytes(): a full-size engine is ~12 GB (FP8), and a copy would hold it twice
+    # in system memory, beside the builder's and ComfyUI's own, until the store has written it.
+    return BuiltEngine(memoryview(serialized).cast("B"), io)
 

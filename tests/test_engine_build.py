@@ -166,4 +166,6 @@ def test_nvfp4_onnx_from_the_gpu_builds_for_blackwell():
     built = build_engine(path, tiny_config(), [custom_profile(64, 128)], compute_capability=(12, 0),
                          trt=import_tensorrt("tensorrt_rtx"))
     assert len(built.serialized) > 0
+    # TensorRT's own buffer, not a copy of it (a full-size engine would sit in system memory twice)
+    assert type(built.serialized.obj).__name__ == "IHostMemory" and built.serialized.nbytes == built.serialized.obj.nbytes
     assert built.io["img"][0] == "HALF" and built.io["out"] == ("HALF", (-1, -1, 64))
