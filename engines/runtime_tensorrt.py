@@ -9,6 +9,7 @@ a TensorRT engine (see README).
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,10 @@ class TensorRTBackend(nn.Module):
     def _ensure_loaded(self) -> None:
         if self._context is not None:
             return
-        self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        # Mapped, not read: a full-size engine (~12 GB) would otherwise be copied into ComfyUI's memory before
+        # TensorRT copies it to the GPU; the binding takes any buffer.
+        with open(self.engine_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            self._engine = self._runtime.deserialize_cuda_engine(mapped)
         if self._engine is None:
             raise EngineMismatch(f"engine {self.engine_path.name}: TensorRT could not deserialize it")
         self._context = self._engine.create_execution_context()

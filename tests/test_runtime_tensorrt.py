@@ -137,3 +137,34 @@ def test_enqueue_names_what_the_engine_refused():
         enqueue(RecordingContext({}, tuple(ENGINE_DTYPES), executes=False), 0, inputs, ENGINE_DTYPES, out)
     with pytest.raises(ValueError, match="output buffer at 0x[0-9a-f]+ is not 256-byte aligned"):
         enqueue(RecordingContext({}, tuple(ENGINE_DTYPES)), 0, inputs, ENGINE_DTYPES, out.view(-1)[1:])
+
+
+def test_the_engine_file_is_mapped_for_tensorrt_and_a_refused_one_is_named(tmp_path):
+    import mmap
+    from types import SimpleNamespace
+
+    from engines.config import tiny_config
+    from engines.runtime_tensorrt import TensorRTBackend
+
+    class Runtime:
+        """TensorRT's Runtime as the backend uses it: deserialize_cuda_engine(buffer) -> engine, or None."""
+        seen = []
+
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, buffer):
+            Runtime.seen.append((type(buffer), bytes(buffer)))
+            return None  # what TensorRT returns for an engine it cannot load (its reason goes to the logger)
+
+    logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
+    trt = SimpleNamespace(module=SimpleNamespace(Logger=logger, Runtime=Runtime))
+    meta = {"profiles": [named_profile("kontext_1ref").__dict__],
+            "io": {name: {"dtype": "HALF"} for name in ENGINE_DTYPES}}
+    engine = tmp_path / "kontext_fp8.engine"
+    engine.write_bytes(b"serialized engine " * 1000)
+    backend = TensorRTBackend(engine, meta, trt, tiny_config())
+    with pytest.raises(EngineMismatch, match="engine kontext_fp8.engine: TensorRT could not deserialize it"):
+        backend._ensure_loaded()
+    # mapped, not read into memory first (a full-size engine is ~12 GB), and the whole file
+    assert Runtime.seen == [(mmap.mmap, engine.read_bytes())]
