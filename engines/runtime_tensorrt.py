@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .config import KontextConfig
 from .contract import INPUT_NAMES, OUTPUT_NAME, check_inputs
 from .shape_profiles import ProfileError, ShapeProfile
+from .tensorrt_runtime_cache import RuntimeCacheFile, runtime_cache_path
 
 TORCH_DTYPES = {"HALF": torch.float16, "BF16": torch.bfloat16, "FLOAT": torch.float32}
 # IExecutionContext.set_tensor_address: "The pointer must have at least 256-byte alignment."
@@ -74,7 +75,9 @@ class TensorRTBackend(nn.Module):
     """Engine contract in, target tokens out, through a deserialized engine. Holds no torch parameters.
 
     The engine is deserialized when it first runs and released by release() (the ComfyUI MODEL calls
-    it when ComfyUI unloads the model), so its GPU memory follows ComfyUI's model management.
+    it when ComfyUI unloads the model), so its GPU memory follows ComfyUI's model management. A TensorRT-RTX
+    engine keeps the kernels it compiles on this GPU in a runtime cache beside it (tensorrt_runtime_cache.py),
+    written after the first run of each new input shape and on release().
     """
 
     def __init__(self, engine_path: str | Path, meta: dict, trt, config: KontextConfig):
@@ -88,6 +91,9 @@ class TensorRTBackend(nn.Module):
         self._logger = m.Logger(m.Logger.WARNING)
         self._runtime = m.Runtime(self._logger)
         self._engine = self._context = self._profile = None
+        self._runtime_cache = (RuntimeCacheFile(runtime_cache_path(self.engine_path, meta["engine_sha256"]))
+                               if trt.flavour == "tensorrt_rtx" else None)
+        self._shapes_run = set()
 
     def _ensure_loaded(self) -> None:
         if self._context is not None:
@@ -98,12 +104,23 @@ class TensorRTBackend(nn.Module):
             self._engine = self._runtime.deserialize_cuda_engine(mapped)
         if self._engine is None:
             raise EngineMismatch(f"engine {self.engine_path.name}: TensorRT could not deserialize it")
-        self._context = self._engine.create_execution_context()
+        if self._runtime_cache is None:
+            self._context = self._engine.create_execution_context()
+        else:
+            self._context = self._engine.create_execution_context(self._runtime_cache.runtime_config(self._engine))
         self._profile = None
 
     def release(self) -> None:
         """Free the engine's GPU memory (weights and activation workspace); the next call loads it again."""
+        if self._runtime_cache is not None and self._context is not None:
+            self._runtime_cache.save()
         self._context = self._engine = self._profile = None
+
+    def _ran(self, shapes: tuple) -> None:
+        """After a run: the first of a new input shape has had its kernels compiled (TensorRT-RTX): keep them."""
+        if self._runtime_cache is not None and shapes not in self._shapes_run:
+            self._shapes_run.add(shapes)
+            self._runtime_cache.save()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -129,6 +146,7 @@ class TensorRTBackend(nn.Module):
         out = aligned_empty((img.shape[0], img.shape[1], self.config.out_channels), self.io_dtypes[OUTPUT_NAME],
                             img.device)
         enqueue(self._context, stream, inputs, self.io_dtypes, out)
+        self._ran(tuple(tuple(t.shape) for t in inputs.values()))
         return out
 
 

@@ -158,8 +158,8 @@ def test_the_engine_file_is_mapped_for_tensorrt_and_a_refused_one_is_named(tmp_p
             return None  # what TensorRT returns for an engine it cannot load (its reason goes to the logger)
 
     logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
-    trt = SimpleNamespace(module=SimpleNamespace(Logger=logger, Runtime=Runtime))
-    meta = {"profiles": [named_profile("kontext_1ref").__dict__],
+    trt = SimpleNamespace(module=SimpleNamespace(Logger=logger, Runtime=Runtime), flavour="tensorrt")
+    meta = {"profiles": [named_profile("kontext_1ref").__dict__], "engine_sha256": "0" * 64,
             "io": {name: {"dtype": "HALF"} for name in ENGINE_DTYPES}}
     engine = tmp_path / "kontext_fp8.engine"
     engine.write_bytes(b"serialized engine " * 1000)
