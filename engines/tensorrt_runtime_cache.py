@@ -29,14 +29,15 @@ def runtime_cache_path(engine_path: str | Path, engine_sha256: str) -> Path:
 class RuntimeCacheFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.cache = None
+        self.config = self.cache = None
         self._saved_bytes = None  # size of what the file holds, once read or written here
 
     def runtime_config(self, engine):
         """An IRuntimeConfig for engine.create_execution_context(config) holding the cache, with the file's
         kernels loaded when the file was written for this GPU, driver and TensorRT-RTX (deserialize checks that
         itself and refuses the rest)."""
-        config = engine.create_runtime_config()
+        # Both held here for as long as the backend: the cache must outlive the contexts made with it.
+        self.config = config = engine.create_runtime_config()
         self.cache = config.create_runtime_cache()
         if self.path.is_file():
             blob = self.path.read_bytes()
