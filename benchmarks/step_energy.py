@@ -195,14 +195,11 @@ def step_kernels_part(gemms, attention, order, cfg):
     time would be if its elementwise work cost nothing, at the power and clocks of the GEMM / attention mix."""
     from engines.runtime_torch import FP8Linear
 
-    calls = [gemms[i] if kind == "gemm" else attention[i] for kind, i in order]
+    calls = [(FP8Linear.matmul_fp8, gemms[i]) if kind == "gemm" else attention[i] for kind, i in order]
 
     def run():
-        for call in calls:
-            if isinstance(call[0], FP8Linear):
-                FP8Linear.matmul_fp8(*call)
-            else:
-                call[0](*call[1])
+        for fn, args in calls:
+            fn(*args)
     flops = step_gemm_flops(gemms) + step_attention_flops(attention, cfg)
     return run, flops, dict(gemm_calls=len(gemms), attention_calls=len(attention))
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .config import KontextConfig
 from .contract import INPUT_NAMES, OUTPUT_NAME, check_inputs
 from .shape_profiles import ProfileError, ShapeProfile
-from .tensorrt_runtime_cache import RuntimeCacheFile, runtime_cache_path
+from .tensorrt_runtime_cache import RuntimeCacheFile
 
 TORCH_DTYPES = {"HALF": torch.float16, "BF16": torch.bfloat16, "FLOAT": torch.float32}
 # IExecutionContext.set_tensor_address: "The pointer must have at least 256-byte alignment."
@@ -91,7 +91,7 @@ class TensorRTBackend(nn.Module):
         self._logger = m.Logger(m.Logger.WARNING)
         self._runtime = m.Runtime(self._logger)
         self._engine = self._context = self._profile = None
-        self._runtime_cache = (RuntimeCacheFile(runtime_cache_path(self.engine_path, meta["engine_sha256"]))
+        self._runtime_cache = (RuntimeCacheFile(self.engine_path, meta["engine_sha256"])
                                if trt.flavour == "tensorrt_rtx" else None)
         self._shapes_run = set()
 

@@ -17,18 +17,21 @@ log = logging.getLogger(__name__)
 
 
 SUFFIX = ".rtxcache"
+HASH_CHARS = 12  # of the engine's sha256 in the cache's name
 
 
 def runtime_cache_path(engine_path: str | Path, engine_sha256: str) -> Path:
     """Named by the engine's content: a rebuilt engine under the same name starts a new cache instead of
     reading kernels compiled for the old one."""
     engine_path = Path(engine_path)
-    return engine_path.with_name(f"{engine_path.stem}.{engine_sha256[:12]}{SUFFIX}")
+    return engine_path.with_name(f"{engine_path.stem}.{engine_sha256[:HASH_CHARS]}{SUFFIX}")
 
 
 class RuntimeCacheFile:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, engine_path: str | Path, engine_sha256: str):
+        self.path = runtime_cache_path(engine_path, engine_sha256)
+        # this engine's caches from earlier builds: its name, then exactly a hash (not another engine's name)
+        self._any_build = f"{Path(engine_path).stem}.{'[0-9a-f]' * HASH_CHARS}{SUFFIX}"
         self.config = self.cache = None
         self._saved_bytes = None  # size of what the file holds, once read or written here
 
@@ -68,7 +71,6 @@ class RuntimeCacheFile:
                         "compiled again next session", self.path, e)
             return
         self._saved_bytes = blob.nbytes
-        engine_stem = self.path.name.rsplit(".", 2)[0]
-        for stale in self.path.parent.glob(f"{engine_stem}.*{SUFFIX}"):  # an earlier build of this engine's
-            if stale != self.path and stale.name.rsplit(".", 2)[0] == engine_stem:
+        for stale in self.path.parent.glob(self._any_build):
+            if stale != self.path:
                 stale.unlink(missing_ok=True)
