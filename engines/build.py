@@ -1,16 +1,26 @@
 """The whole build: calibrate (or reuse a calibrated state) -> export ONNX -> TensorRT engine -> store.
 
-Cancellation is checked between calibration pairs, before the export and during TensorRT's build;
-a cancelled or failed build leaves no engine and no sidecar (the store writes both only at the
-end, atomically), and the temporary ONNX is removed unless asked to keep it. The calibrated state
-is kept beside the engines, so a cancelled build resumes from it.
+Everything that can be checked is checked before calibration: the recipe, the names it and the profile give
+the engine files, the calibration pairs (finite, of the contract's shapes), the weights (finite), and the
+engine folder (a writable folder with room for the ONNX and the engine). The request's key covers the
+calibration pairs' content, so a set edited in place is a new request.
+
+One build of a request at a time: a second identical build waits for the first (holding ComfyUI's cancel)
+and returns its engine. Cancellation is checked between calibration pairs, before the export and during
+TensorRT's build. Every file a build writes is made in its own scratch folder in the store and renamed into
+place when complete; a cancelled, failed or killed build leaves no engine, no sidecar and no ONNX (the next
+build or load removes a killed one's scratch folder), unless keep_onnx. The calibrated state is kept beside
+the engines, so a cancelled build resumes from it; a damaged one is replaced by calibrating again.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
+import os
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,18 +29,32 @@ from pathlib import Path
 
 import torch
 
-from .calibrated_state import load_calibrated_state, save_calibrated_state
-from .calibration import CalibrationCancelled, EncodedPair, calibration_forward_loop
-from .engine_store import EngineRequest, EngineStore, state_dict_fingerprint
+from filelock import Timeout
+
+from .calibrated_state import CalibratedStateError, load_calibrated_state, save_calibrated_state
+from .calibration import (CalibrationCancelled, EncodedPair, calibration_content_hash, calibration_forward_loop,
+                          check_encoded_pairs)
+from .engine_store import EngineRequest, EngineStore, EngineStoreError, human_size, state_dict_fingerprint
 from .offload import blocks_streamed_to, move_quantizer_state
 from .onnx_export import check_export_dependencies, export_onnx
 from .quantize import quantize_transformer
 from .recipes import Recipe
+from .scratch import Scratch, remove_abandoned_scratch, request_lock
 from .shape_profiles import ShapeProfile
 from .state_dict import transformer_from_state_dict
 from .tensorrt_build import EngineBuildCancelled, TensorRT, build_engine, import_tensorrt
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+WAITING = "waiting for another build of this engine"  # the progress stage while the request's lock is held elsewhere
+# Disk the build needs, as a multiple of the 16-bit weights' bytes: the exported ONNX carries them in 16-bit,
+# the engine at most as many again (FP8: half).
+SPACE_PER_WEIGHT_BYTE = 1.5
+
+
+class BuildInputError(ValueError):
+    """A build input that cannot make an engine (weights with NaN, an option this recipe or machine cannot take)."""
 
 
 @dataclass
@@ -90,21 +114,53 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
     export runs on the CPU (FP8 max calibration only: it never rewrites weights).
     """
     recipe.check_exportable()  # before any calibration work
+    check_encoded_pairs(samples, steps)
     trt = trt or import_tensorrt()
     model = transformer_from_state_dict(sd)
-    calibration = {"set": calibration_name, "pairs": len(samples), "steps": steps}
+    calibration = {"set": calibration_name, "pairs": len(samples), "steps": steps,
+                   "content_sha256": calibration_content_hash(samples)}
     request = engine_request(sd, model.config, recipe, profiles, calibration, trt, compute_capability)
+    name = request.name()  # refuses a recipe or profile name that would leave the store
+    if store.root.is_dir():
+        remove_abandoned_scratch(store.root)
+    state_path = store.root / f"{name}.calibration.safetensors"
     cached = store.lookup(request)
-    state_path = store.root / f"{request.name()}.calibration.safetensors"
     if cached is not None:
         return BuildResult(cached, state_path if state_path.is_file() else None, cached=True)
     check_export_dependencies(recipe)  # a cached engine needs no export
 
     if low_vram and (recipe.algorithm["method"] != "max" or recipe.needs_cuda):
-        raise ValueError(f"low_vram: supports recipes with max calibration and CPU-capable formats (fp8), not "
-                         f"{recipe.name}; NVFP4 and SVDQuant need the model on the GPU")
+        raise BuildInputError(f"low_vram: supports recipes with max calibration and CPU-capable formats (fp8), not "
+                              f"{recipe.name}; NVFP4 and SVDQuant need the model on the GPU")
     if low_vram and not torch.cuda.is_available():
-        raise ValueError("low_vram: streams blocks to a CUDA GPU; none is available")
+        raise BuildInputError("low_vram: streams blocks to a CUDA GPU; none is available")
+    weight_bytes = sum(t.numel() * t.element_size() for t in sd.values())
+    store.prepare(needed_bytes=int(SPACE_PER_WEIGHT_BYTE * weight_bytes))
+    check_finite_weights(sd)
+
+    with _request_locked(store, name, progress, should_cancel):
+        cached = store.lookup(request)  # the build this one waited for made it
+        if cached is not None:
+            return BuildResult(cached, state_path if state_path.is_file() else None, cached=True)
+        with Scratch(store.root) as scratch:
+            try:
+                path, stages = _build(sd, model, recipe, profiles, samples, steps, store, request, trt, scratch.path,
+                                      state_path, compute_capability=compute_capability, keep_onnx=keep_onnx,
+                                      low_vram=low_vram, progress=progress, should_cancel=should_cancel)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                free = shutil.disk_usage(store.root).free
+                raise EngineStoreError(f"engine folder {store.root}: ran out of space writing {e.filename or 'a file'} "
+                                       f"({human_size(free)} free now; the build needs about "
+                                       f"{human_size(int(SPACE_PER_WEIGHT_BYTE * weight_bytes))}): free space there "
+                                       "or choose another folder; nothing of this build was kept") from e
+    return BuildResult(path, state_path, cached=False, stages=stages)
+
+
+def _build(sd, model, recipe: Recipe, profiles, samples, steps: int, store: EngineStore, request: EngineRequest,
+           trt: TensorRT, scratch: Path, state_path: Path, *, compute_capability, keep_onnx: bool, low_vram: bool,
+           progress: Progress | None, should_cancel) -> tuple[Path, dict]:
     cuda = low_vram or next(model.parameters()).is_cuda
     stages = StageRecorder(cuda)
 
@@ -115,12 +171,12 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
         if should_cancel is not None and should_cancel():
             raise EngineBuildCancelled(f"engine build cancelled before {where}")
 
-    calibrate_or_resume(model, recipe, samples, steps, state_path, stages, low_vram=low_vram,
-                        progress=report("calibrate"), should_cancel=should_cancel)
+    model = calibrate_or_resume(model, sd, recipe, samples, steps, state_path, stages, scratch, low_vram=low_vram,
+                                progress=report("calibrate"), should_cancel=should_cancel)
     cancel_point("the ONNX export")
-    store.root.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="kontext_build_", dir=store.root))
-    onnx_path = workdir / "kontext.onnx"
+    onnx_dir = scratch / "onnx"
+    onnx_dir.mkdir()
+    onnx_path = onnx_dir / "kontext.onnx"
     try:
         export_stage(model, onnx_path, stages)
         del model  # the 16-bit module and its quantizers are not needed by TensorRT's builder
@@ -129,33 +185,76 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
         cancel_point("the TensorRT build")
         timing_cache = store.root / f"timing_cache_{trt.flavour}_{trt.version}_{request.target.replace(' ', '_')}.cache"
         built = stages.run("build_engine", lambda: build_engine(
-            onnx_path, cfg_from(request), list(profiles), timing_cache=timing_cache,
+            onnx_path, cfg_from(request), list(profiles), timing_cache=timing_cache, tmp_dir=scratch,
             compute_capability=compute_capability, progress=report("build_engine"), should_cancel=should_cancel, trt=trt))
         metadata = dict(
             model_fingerprint=request.model_fingerprint, model_config=request.model_config,
-            recipe=json.loads(request.recipe), profiles=list(request.profiles), calibration=calibration,
+            recipe=json.loads(request.recipe), profiles=list(request.profiles), calibration=request.calibration,
             tensorrt={"flavour": trt.flavour, "version": trt.version}, target=request.target,
             build_gpu=_gpu_description(),
             pack_version=request.pack_version, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             io={name: {"dtype": dtype, "shape": list(shape)} for name, (dtype, shape) in built.io.items()},
             stages=stages.stages)
-        path = store.save(request, built.serialized, metadata)
+        path = store.save(request, built.serialized, metadata, scratch)
     finally:
         if keep_onnx and onnx_path.is_file():
-            # The folder moves whole: the .onnx names its external data file relative to itself.
-            workdir.replace(store.root / f"{request.name()}.onnx.d")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return BuildResult(path, state_path, cached=False, stages=stages.stages)
+            _keep_onnx(onnx_dir, store.root / f"{request.name()}.onnx.d", scratch)
+    return path, stages.stages
 
 
-def calibrate_or_resume(model, recipe: Recipe, samples, steps: int, state_path: Path, stages: StageRecorder, *,
-                        low_vram: bool = False, progress=None, should_cancel=None) -> None:
-    """Quantize `model` in place: from the saved calibrated state if there is one, else by calibrating
-    (then saving the state, so a later build resumes from it)."""
+def _keep_onnx(onnx_dir: Path, dest: Path, scratch: Path) -> None:
+    """The folder moves whole (the .onnx names its external data files relative to itself); an earlier build's
+    folder of the same name moves into the scratch folder first, which is removed with it."""
+    if dest.exists():
+        os.replace(dest, scratch / "previous_onnx")
+    os.replace(onnx_dir, dest)
+
+
+@contextlib.contextmanager
+def _request_locked(store: EngineStore, name: str, progress: Progress | None, should_cancel):
+    """Hold the request's lock; while another build holds it, wait, answering ComfyUI's cancel each second."""
+    lock = request_lock(store.root, name)
+    waiting = False
+    while True:
+        try:
+            lock.acquire(timeout=1.0)
+            break
+        except Timeout:
+            if not waiting:
+                waiting = True
+                log.info("Kontext TRT: another build of %s is running; waiting for it, then using its engine", name)
+                if progress is not None:
+                    progress(WAITING, 0, 1)
+            if should_cancel is not None and should_cancel():
+                raise EngineBuildCancelled(f"engine build cancelled while {WAITING}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def check_finite_weights(sd: Mapping[str, torch.Tensor]) -> None:
+    """NaN or inf in a weight surfaces in calibration as ModelOpt's 'detected nan values in amax', naming nothing."""
+    for key, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BuildInputError(f"model: weight {key}: expected finite values, got "
+                                  f"{int((~torch.isfinite(t)).sum())} NaN or infinite; the checkpoint is damaged")
+
+
+def calibrate_or_resume(model, sd, recipe: Recipe, samples, steps: int, state_path: Path, stages: StageRecorder,
+                        scratch: Path, *, low_vram: bool = False, progress=None, should_cancel=None):
+    """The quantized model: from the saved calibrated state if there is an intact one for this request, else by
+    calibrating (then saving the state, so a later build resumes from it). Returns the model (a new one, from sd,
+    when a damaged state had to be set aside)."""
     if state_path.is_file():
-        stages.run("calibrate (resumed from saved state)", lambda: load_calibrated_state(model, state_path))
-        return
+        try:
+            stages.run("calibrate (resumed from saved state)",
+                       lambda: load_calibrated_state(model, state_path, recipe=recipe))
+            return model
+        except CalibratedStateError as e:
+            log.warning("Kontext TRT: not reusing the calibrated state: %s. Calibrating again.", e)
+            stages.stages.pop("calibrate (resumed from saved state)", None)
+            model = transformer_from_state_dict(sd)  # loading may have quantized the model before it failed
     loop = calibration_forward_loop(samples, steps, progress=progress, should_cancel=should_cancel)
     if low_vram:
         loop = _streamed(loop)
@@ -165,7 +264,8 @@ def calibrate_or_resume(model, recipe: Recipe, samples, steps: int, state_path: 
         raise EngineBuildCancelled(str(e)) from e
     if low_vram:
         move_quantizer_state(model, next(model.parameters()).device)
-    stages.run("save_calibrated_state", lambda: save_calibrated_state(model, recipe, state_path))
+    stages.run("save_calibrated_state", lambda: save_calibrated_state(model, recipe, state_path, tmp_dir=scratch))
+    return model
 
 
 def export_stage(model, onnx_path: Path, stages: StageRecorder) -> None:

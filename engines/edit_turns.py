@@ -53,13 +53,22 @@ def check_instruction(instruction: str) -> str:
     return text
 
 
+def check_image(image: Tensor, name: str) -> None:
+    """A ComfyUI IMAGE with at least one pixel and one image in the batch."""
+    if not torch.is_tensor(image) or image.ndim != 4 or image.shape[-1] not in (3, 4):
+        got = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
+        raise EditInputError(f"{name}: expected an IMAGE [batch, height, width, 3], got {got}")
+    if 0 in image.shape[:3]:
+        raise EditInputError(f"{name}: expected a non-empty IMAGE (at least one image of at least 1x1 pixels), got "
+                             f"batch {image.shape[0]} of {image.shape[2]}x{image.shape[1]}")
+
+
 def check_turn_source(image: Tensor | None, previous: EditTurn | None) -> None:
     """A turn edits either a source image (the first turn) or the previous turn, never both or neither."""
     if previous is not None and not isinstance(previous, EditTurn):
         raise EditInputError(f"previous: expected a Kontext edit turn, got {type(previous).__name__}")
-    if image is not None and (not torch.is_tensor(image) or image.ndim != 4 or image.shape[-1] not in (3, 4)):
-        got = tuple(image.shape) if torch.is_tensor(image) else type(image).__name__
-        raise EditInputError(f"image: expected an IMAGE [batch, height, width, 3], got {got}")
+    if image is not None:
+        check_image(image, "image")
     if image is None and previous is None:
         raise EditInputError("image / previous: expected a source image (first turn) or the previous turn, got neither")
     if image is not None and previous is not None:
@@ -73,6 +82,11 @@ def check_latent_format(latent_channels: int, expected: int = 16) -> None:
                              f"{latent_channels} latent channels")
 
 
+# A panel is at most this many times as wide as the sheet is tall: at the sheet's height a 16384x16 image would
+# otherwise be a 393216-pixel-wide panel (a 3.9 GiB float sheet). Wider images are shown smaller, whole.
+MAX_PANEL_ASPECT = 4
+
+
 def history_sheet(turns: list[EditTurn], height: int = 384, caption_px: int = 56) -> Tensor:
     """The source and every turn's image side by side, each with its instruction under it: [1, H, W, 3].
 
@@ -81,16 +95,18 @@ def history_sheet(turns: list[EditTurn], height: int = 384, caption_px: int = 56
     import numpy as np
     from PIL import Image, ImageDraw
 
-    def to_pil(image: Tensor) -> Image.Image:
+    def to_pil(image: Tensor, what: str) -> Image.Image:
+        check_image(image, what)
         arr = (image[0, :, :, :3].clamp(0, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
         pil = Image.fromarray(arr)
-        return pil.resize((max(1, round(pil.width * height / pil.height)), height), Image.LANCZOS)
+        width = min(max(1, round(pil.width * height / pil.height)), MAX_PANEL_ASPECT * height)
+        return pil.resize((width, max(1, min(height, round(pil.height * width / pil.width)))), Image.LANCZOS)
 
     panels = []
     first = turns[0]
     if first.source_image is not None:
-        panels.append((to_pil(first.source_image), "source"))
-    panels += [(to_pil(t.image), f"{t.number}. {t.instruction}") for t in turns]
+        panels.append((to_pil(first.source_image, "source image"), "source"))
+    panels += [(to_pil(t.image, f"turn {t.number} image"), f"{t.number}. {t.instruction}") for t in turns]
     width = sum(p.width for p, _ in panels)
     sheet = Image.new("RGB", (width, height + caption_px), "white")
     draw = ImageDraw.Draw(sheet)

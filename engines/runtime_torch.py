@@ -19,7 +19,6 @@ ops that produce them.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from collections.abc import Callable
 from typing import Optional
@@ -28,13 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibrated_state import read_state_metadata
-from .config import KontextConfig
+from .calibrated_state import check_calibrated_state
 from .fp8 import FP8, FP8_MAX, fp8_tensor_cores, quantize_fp8
 from .fp8_attention import FP8Attention
 from .fp8_attention_fa3 import resolve_fa3_library
 from .kernel_ops import custom_op, triton_fp8_kernels_available
-from .recipes import ATTENTION_QUANTIZERS, parse_recipe
+from .recipes import ATTENTION_QUANTIZERS
 from .transformer import Attention, KontextTransformer, SingleStreamBlock
 
 
@@ -260,18 +258,15 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
     When the recipe makes every modulation Linear weight-only FP8 (the fp8 recipe does), they become
     one FusedModulation, unless fuse_modulation=False.
     """
-    from safetensors import safe_open
-
     fa3_library = resolve_fa3_library(attention_kernel, torch.device(device))  # a bad choice fails before any load
-    meta = read_state_metadata(state_path)
-    recipe_data = json.loads(meta["recipe"])
-    recipe = parse_recipe(recipe_data, source=str(state_path), attention=recipe_data.get("attention") is not None)
+    # Every quantizer the recipe calibrates has a finite, positive amax, or this raises naming it: a missing input
+    # amax would otherwise run that layer with 16-bit activations, a NaN one give NaN images.
+    state = check_calibrated_state(state_path)
+    recipe, config, amax = state.recipe, state.config, state.amax
     if recipe.gemm != {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}:
         raise BackendError(f"{state_path}: the PyTorch backend runs the fp8 recipe; this state is {recipe.name} "
                            f"({recipe.gemm['weights']}): use its TensorRT engine")
-    config = KontextConfig.from_dict(json.loads(meta["kontext_config"]))
-    with safe_open(str(state_path), framework="pt") as f:
-        amax = {k: f.get_tensor(k) for k in f.keys() if k.endswith("._amax")}
+    get_tensor = _named_reads(get_tensor)
 
     with torch.device("meta"):
         model = KontextTransformer(config, dtype=dtype)
@@ -330,6 +325,22 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, nn.Parameter(get_tensor(name).to(device, dtype), requires_grad=False))
     return model.eval().requires_grad_(False)
+
+
+def _named_reads(get_tensor: Callable[[str], Tensor]) -> Callable[[str], Tensor]:
+    """get_tensor whose failures (a key the checkpoint lacks, a file cut short) name the key and what to do."""
+    from safetensors import SafetensorError
+
+    def read(key: str) -> Tensor:
+        try:
+            t = get_tensor(key)
+        except (SafetensorError, KeyError, OSError, RuntimeError, ValueError) as e:
+            raise BackendError(f"checkpoint: reading tensor {key} failed ({type(e).__name__}: {e}); expected the "
+                               "Kontext checkpoint the engine was built from, complete and undamaged") from e
+        if not torch.is_tensor(t):
+            raise BackendError(f"checkpoint: {key}: expected a tensor, got {type(t).__name__}")
+        return t
+    return read
 
 
 def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state_path, device,

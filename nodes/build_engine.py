@@ -8,7 +8,7 @@ import comfy.model_management
 import comfy.utils
 
 from ..engines.build import build_kontext_engine
-from ..engines.calibration import read_calibration_set, write_default_calibration_set
+from ..engines.calibration import check_encoded_pairs, read_calibration_set, write_default_calibration_set
 from ..engines.gpu_support import check_build_target
 from ..engines.recipes import available_recipes, load_recipe
 from ..engines.shape_profiles import NAMED_PROFILES, custom_profile, named_profile
@@ -81,12 +81,15 @@ class KontextBuildEngine(io.ComfyNode):
         cc = gpu_compute_capability()
         check_build_target(chosen, trt.flavour, cc)
         shapes = custom_profile(custom_min_side, custom_max_side) if profile == "custom" else named_profile(profile)
+        store = engine_store()
+        store.prepare()  # a folder that cannot be written fails now, not after encoding and calibration
 
         source = calibration_set.strip()
         if not source:
             source = write_default_calibration_set(Path(tempfile.mkdtemp(prefix="kontext_calib_")))
         pairs = read_calibration_set(source)[:max_samples]
         samples = [encode_pair(pair, clip, vae, model) for pair in pairs]
+        check_encoded_pairs(samples, steps_per_sample)  # a pair that encoded to NaN is named before the model loads
 
         if low_vram:
             comfy.model_management.unload_all_models()  # the weights go back to system memory
@@ -100,7 +103,7 @@ class KontextBuildEngine(io.ComfyNode):
             bar.update_absolute(done, total)
 
         try:
-            result = build_kontext_engine(sd, chosen, [shapes], samples, steps_per_sample, engine_store(),
+            result = build_kontext_engine(sd, chosen, [shapes], samples, steps_per_sample, store,
                                           calibration_name=str(calibration_set.strip() or "default"), keep_onnx=keep_onnx,
                                           low_vram=low_vram,
                                           compute_capability=cc if trt.flavour == "tensorrt_rtx" else None,

@@ -12,7 +12,7 @@ import comfy.utils
 import node_helpers
 import nodes as comfy_nodes
 
-from ..engines.edit_turns import (EditInputError, EditTurn, check_instruction, check_latent_format,
+from ..engines.edit_turns import (EditInputError, EditTurn, check_image, check_instruction, check_latent_format,
                                   check_turn_source, history_sheet)
 from ..engines.shape_profiles import nearest_kontext_resolution
 
@@ -79,6 +79,8 @@ class KontextEditTurn(io.ComfyNode):
                 extra_reference=None, resize="kontext", reference_method="offset") -> io.NodeOutput:
         instruction = check_instruction(instruction)
         check_turn_source(image, previous)
+        if extra_reference is not None:
+            check_image(extra_reference, "extra_reference")
         check_kontext_model(model)
         check_latent_format(getattr(vae, "latent_channels", None))
 

@@ -11,7 +11,8 @@ from ..engines.config import KontextConfig
 from ..engines.cuda_graph_step import CUDAGraphedTransformer
 from ..engines.fp8_attention_fa3 import ATTENTION_KERNELS
 from ..engines.runtime_tensorrt import TensorRTBackend, choose_backend, engine_device_bytes
-from ..engines.runtime_torch import compile_blocks, load_fp8_transformer, transformer_bytes
+from ..engines.runtime_torch import BackendError, compile_blocks, load_fp8_transformer, transformer_bytes
+from ..engines.scratch import remove_abandoned_scratch
 from ..engines.state_dict import checkpoint_prefix
 from ..engines.tensorrt_build import TensorRTMissing, import_tensorrt
 from .backend_model import backend_model
@@ -61,7 +62,8 @@ class KontextLoadQuantized(io.ComfyNode):
     def execute(cls, engine, backend, checkpoint, compile=True, cuda_graph=True,
                 attention_kernel="auto") -> io.NodeOutput:
         path = Path(folder_paths.get_full_path_or_raise(FOLDER, engine))
-        meta = engine_store().read_metadata(path)
+        remove_abandoned_scratch(path.parent)  # what builds killed mid-way left there
+        meta = engine_store().read_metadata(path)  # the sidecar checked, and the engine against it
         try:
             trt = import_tensorrt(meta["tensorrt"]["flavour"])
         except TensorRTMissing as e:
@@ -76,14 +78,20 @@ class KontextLoadQuantized(io.ComfyNode):
             runner = TensorRTBackend(path, meta, trt, config)
             return io.NodeOutput(backend_model(runner, config, engine_device_bytes(path), runner.dtype, device, offload))
 
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         state = path.with_name(path.stem + STATE_SUFFIX)
         if not state.is_file():
             raise FileNotFoundError(f"engine {engine}: its calibrated state {state.name} (needed by the PyTorch backend) "
                                     "is missing; rebuild with Build Engine")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        with safe_open(folder_paths.get_full_path_or_raise("diffusion_models", checkpoint), framework="pt") as f:
+        checkpoint_path = folder_paths.get_full_path_or_raise("diffusion_models", checkpoint)
+        try:
+            handle = safe_open(checkpoint_path, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise BackendError(f"checkpoint {checkpoint_path}: not a readable .safetensors file ({e}); expected the "
+                               "Kontext checkpoint the engine was built from, complete and undamaged") from None
+        with handle as f:
             prefix = checkpoint_prefix(f.keys())
             runner = load_fp8_transformer(lambda key: f.get_tensor(prefix + key), state, device=device, dtype=dtype,
                                           attention_kernel=attention_kernel)
