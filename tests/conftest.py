@@ -19,3 +19,6 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
+
+# The fault-injection tests' fixtures (session-scoped real builds shared by several files).
+pytest_plugins = ["reliability_fixtures"]
