@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -34,23 +35,21 @@ from filelock import Timeout
 from .calibrated_state import CalibratedStateError, load_calibrated_state, save_calibrated_state
 from .calibration import (CalibrationCancelled, EncodedPair, calibration_content_hash, calibration_forward_loop,
                           check_encoded_pairs)
-from .engine_store import EngineRequest, EngineStore, EngineStoreError, human_size, state_dict_fingerprint
+from .engine_store import EngineRequest, EngineStore, EngineStoreError, human_size
 from .offload import blocks_streamed_to, move_quantizer_state
 from .onnx_export import check_export_dependencies, export_onnx
 from .quantize import quantize_transformer
 from .recipes import Recipe
 from .scratch import Scratch, remove_abandoned_scratch, request_lock
 from .shape_profiles import ShapeProfile
-from .state_dict import transformer_from_state_dict
+from .source_weights import (SourceWeights, dequantize_fp8_weights, dequantized_blocks, from_state_dict,
+                             pin_fp8_weight_amax, transformer_from_source)
 from .tensorrt_build import EngineBuildCancelled, TensorRT, build_engine, import_tensorrt
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 WAITING = "waiting for another build of this engine"  # the progress stage while the request's lock is held elsewhere
-# Disk the build needs, as a multiple of the 16-bit weights' bytes: the exported ONNX carries them in 16-bit,
-# the engine at most as many again (FP8: half).
-SPACE_PER_WEIGHT_BYTE = 1.5
 
 
 class BuildInputError(ValueError):
@@ -85,7 +84,7 @@ class StageRecorder:
         return out
 
 
-def engine_request(sd: Mapping[str, torch.Tensor], config, recipe: Recipe, profiles: Sequence[ShapeProfile],
+def engine_request(fingerprint: str, config, recipe: Recipe, profiles: Sequence[ShapeProfile],
                    calibration: dict, trt: TensorRT, compute_capability: tuple[int, int] | None) -> EngineRequest:
     from . import __version__
 
@@ -96,30 +95,36 @@ def engine_request(sd: Mapping[str, torch.Tensor], config, recipe: Recipe, profi
         target = f"{torch.cuda.get_device_name()} {major}.{minor}"
     else:
         target = "unknown"
-    return EngineRequest(model_fingerprint=state_dict_fingerprint(sd), model_config=config.to_dict(),
+    return EngineRequest(model_fingerprint=fingerprint, model_config=config.to_dict(),
                          recipe=recipe.to_json(), profiles=tuple(p.to_dict() for p in profiles), calibration=calibration,
                          tensorrt_flavour=trt.flavour, tensorrt_version=trt.version, target=target,
                          pack_version=__version__)
 
 
-def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profiles: Sequence[ShapeProfile],
+def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], recipe: Recipe, profiles: Sequence[ShapeProfile],
                          samples: Sequence[EncodedPair], steps: int, store: EngineStore, *,
                          calibration_name: str = "custom", compute_capability: tuple[int, int] | None = None,
-                         keep_onnx: bool = False, low_vram: bool = False, progress: Progress | None = None,
+                         keep_onnx: bool = False, low_vram: bool = False, device=None, progress: Progress | None = None,
                          should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None) -> BuildResult:
-    """Build (or find) the engine for this model, recipe and profiles. sd: the 16-bit transformer's
-    state dict (ComfyUI's tensors, shared, never modified).
+    """Build (or find) the engine for this model, recipe and profiles. weights: the transformer's weights
+    (SourceWeights, or a state dict: ComfyUI's tensors, shared, never modified), 16-bit or FP8 per-tensor.
+    An FP8 source is calibrated with its blocks dequantized one at a time, and keeps its own FP8 weights
+    and scales in the engine (see source_weights.pin_fp8_weight_amax).
 
     low_vram: sd stays in system memory; calibration streams one block at a time to the GPU and the
-    export runs on the CPU (FP8 max calibration only: it never rewrites weights).
+    export runs on the CPU (FP8 max calibration only: it never rewrites weights). device: where a file's tensors
+    are read to (None: where the weights are, e.g. ComfyUI's tensors on its GPU).
     """
     recipe.check_exportable()  # before any calibration work
     check_encoded_pairs(samples, steps)
     trt = trt or import_tensorrt()
-    model = transformer_from_state_dict(sd)
+    if not isinstance(weights, SourceWeights):
+        weights = from_state_dict(weights, name=None)  # no file: the sidecar records no source name
+    source = weights.describe()
+    model = transformer_from_source(weights, device=device)
     calibration = {"set": calibration_name, "pairs": len(samples), "steps": steps,
                    "content_sha256": calibration_content_hash(samples)}
-    request = engine_request(sd, model.config, recipe, profiles, calibration, trt, compute_capability)
+    request = engine_request(source["fingerprint"], model.config, recipe, profiles, calibration, trt, compute_capability)
     name = request.name()  # refuses a recipe or profile name that would leave the store
     if store.root.is_dir():
         remove_abandoned_scratch(store.root)
@@ -134,9 +139,9 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
                               f"{recipe.name}; NVFP4 and SVDQuant need the model on the GPU")
     if low_vram and not torch.cuda.is_available():
         raise BuildInputError("low_vram: streams blocks to a CUDA GPU; none is available")
-    weight_bytes = sum(t.numel() * t.element_size() for t in sd.values())
-    store.prepare(needed_bytes=int(SPACE_PER_WEIGHT_BYTE * weight_bytes))
-    check_finite_weights(sd)
+    needed = build_space_estimate(weights, model)
+    store.prepare(needed_bytes=needed)
+    check_finite_weights(model)
 
     with _request_locked(store, name, progress, should_cancel):
         cached = store.lookup(request)  # the build this one waited for made it
@@ -144,23 +149,24 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
             return BuildResult(cached, state_path if state_path.is_file() else None, cached=True)
         with Scratch(store.root) as scratch:
             try:
-                path, stages = _build(sd, model, recipe, profiles, samples, steps, store, request, trt, scratch.path,
-                                      state_path, compute_capability=compute_capability, keep_onnx=keep_onnx,
-                                      low_vram=low_vram, progress=progress, should_cancel=should_cancel)
+                path, stages = _build(lambda: transformer_from_source(weights, device=device), model, recipe, profiles,
+                                      samples, steps, store, request, source, trt, scratch.path, state_path,
+                                      compute_capability=compute_capability, keep_onnx=keep_onnx, low_vram=low_vram,
+                                      progress=progress, should_cancel=should_cancel)
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
                 free = shutil.disk_usage(store.root).free
                 raise EngineStoreError(f"engine folder {store.root}: ran out of space writing {e.filename or 'a file'} "
-                                       f"({human_size(free)} free now; the build needs about "
-                                       f"{human_size(int(SPACE_PER_WEIGHT_BYTE * weight_bytes))}): free space there "
-                                       "or choose another folder; nothing of this build was kept") from e
+                                       f"({human_size(free)} free now; the build needs about {human_size(needed)}): "
+                                       "free space there or choose another folder; nothing of this build was kept"
+                                       ) from e
     return BuildResult(path, state_path, cached=False, stages=stages)
 
 
-def _build(sd, model, recipe: Recipe, profiles, samples, steps: int, store: EngineStore, request: EngineRequest,
-           trt: TensorRT, scratch: Path, state_path: Path, *, compute_capability, keep_onnx: bool, low_vram: bool,
-           progress: Progress | None, should_cancel) -> tuple[Path, dict]:
+def _build(remake, model, recipe: Recipe, profiles, samples, steps: int, store: EngineStore, request: EngineRequest,
+           source: dict, trt: TensorRT, scratch: Path, state_path: Path, *, compute_capability, keep_onnx: bool,
+           low_vram: bool, progress: Progress | None, should_cancel) -> tuple[Path, dict]:
     cuda = low_vram or next(model.parameters()).is_cuda
     stages = StageRecorder(cuda)
 
@@ -171,13 +177,14 @@ def _build(sd, model, recipe: Recipe, profiles, samples, steps: int, store: Engi
         if should_cancel is not None and should_cancel():
             raise EngineBuildCancelled(f"engine build cancelled before {where}")
 
-    model = calibrate_or_resume(model, sd, recipe, samples, steps, state_path, stages, scratch, low_vram=low_vram,
-                                progress=report("calibrate"), should_cancel=should_cancel)
+    model = calibrate_or_resume(model, recipe, samples, steps, state_path, stages, remake=remake, tmp_dir=scratch,
+                                low_vram=low_vram, progress=report("calibrate"), should_cancel=should_cancel)
     cancel_point("the ONNX export")
     onnx_dir = scratch / "onnx"
     onnx_dir.mkdir()
     onnx_path = onnx_dir / "kontext.onnx"
     try:
+        dequantize_fp8_weights(model)  # the ONNX holds 16-bit weights behind their Q/DQ, as for a 16-bit source
         export_stage(model, onnx_path, stages)
         del model  # the 16-bit module and its quantizers are not needed by TensorRT's builder
         if cuda:
@@ -188,7 +195,7 @@ def _build(sd, model, recipe: Recipe, profiles, samples, steps: int, store: Engi
             onnx_path, cfg_from(request), list(profiles), timing_cache=timing_cache, tmp_dir=scratch,
             compute_capability=compute_capability, progress=report("build_engine"), should_cancel=should_cancel, trt=trt))
         metadata = dict(
-            model_fingerprint=request.model_fingerprint, model_config=request.model_config,
+            model_fingerprint=request.model_fingerprint, source=source, model_config=request.model_config,
             recipe=json.loads(request.recipe), profiles=list(request.profiles), calibration=request.calibration,
             tensorrt={"flavour": trt.flavour, "version": trt.version}, target=request.target,
             build_gpu=_gpu_description(),
@@ -233,38 +240,60 @@ def _request_locked(store: EngineStore, name: str, progress: Progress | None, sh
         lock.release()
 
 
-def check_finite_weights(sd: Mapping[str, torch.Tensor]) -> None:
-    """NaN or inf in a weight surfaces in calibration as ModelOpt's 'detected nan values in amax', naming nothing."""
-    for key, t in sd.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise BuildInputError(f"model: weight {key}: expected finite values, got "
-                                  f"{int((~torch.isfinite(t)).sum())} NaN or infinite; the checkpoint is damaged")
+def build_space_estimate(weights: SourceWeights, model) -> int:
+    """Disk a build needs: the exported ONNX holds every weight in the model's compute dtype, the engine at most a
+    byte per weight more (FP8; NVFP4 is less, and the 16-bit layers are ~1% of the weights)."""
+    parameters = sum(math.prod(shape) for shape in weights.shapes().values())
+    return parameters * (model.compute_dtype.itemsize + 1)
 
 
-def calibrate_or_resume(model, sd, recipe: Recipe, samples, steps: int, state_path: Path, stages: StageRecorder,
-                        scratch: Path, *, low_vram: bool = False, progress=None, should_cancel=None):
+def check_finite_weights(model) -> None:
+    """NaN or inf in a weight surfaces in calibration as ModelOpt's 'detected nan values in amax', naming nothing.
+    Checked on the model's own tensors (ComfyUI's, or the file's as read), one at a time."""
+    scales = getattr(model, "fp8_weight_scales", {})
+    for key, t in model.named_parameters():
+        values = t.detach().float() if t.dtype.itemsize == 1 else t.detach()  # FP8: isfinite wants a wider dtype
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise BuildInputError(f"model: weight {key}: expected finite values, got {bad} NaN or infinite; the "
+                                  "checkpoint is damaged")
+        scale = scales.get(key[: -len(".weight")])
+        if scale is not None and not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise BuildInputError(f"model: weight {key}: expected a finite, positive FP8 scale, got {scale.item()}; "
+                                  "the checkpoint is damaged")
+
+
+def calibrate_or_resume(model, recipe: Recipe, samples, steps: int, state_path: Path, stages: StageRecorder, *,
+                        remake=None, tmp_dir: Path | None = None, low_vram: bool = False, progress=None,
+                        should_cancel=None):
     """The quantized model: from the saved calibrated state if there is an intact one for this request, else by
-    calibrating (then saving the state, so a later build resumes from it). Returns the model (a new one, from sd,
-    when a damaged state had to be set aside)."""
+    calibrating (then saving the state, through tmp_dir, so a later build resumes from it). Returns the model:
+    remake() made anew when a damaged state had to be set aside (loading may have quantized the model before it
+    failed); without remake, that state's error is raised."""
     if state_path.is_file():
         try:
             stages.run("calibrate (resumed from saved state)",
                        lambda: load_calibrated_state(model, state_path, recipe=recipe))
             return model
         except CalibratedStateError as e:
+            if remake is None:
+                raise
             log.warning("Kontext TRT: not reusing the calibrated state: %s. Calibrating again.", e)
             stages.stages.pop("calibrate (resumed from saved state)", None)
-            model = transformer_from_state_dict(sd)  # loading may have quantized the model before it failed
+            model = remake()
+    fp8_scales = dict(getattr(model, "fp8_weight_scales", {}))
+    if fp8_scales and (recipe.algorithm["method"] != "max" or recipe.rewrites_weights):
+        dequantize_fp8_weights(model)  # these calibrations rewrite or search over the weights: 16-bit throughout
     loop = calibration_forward_loop(samples, steps, progress=progress, should_cancel=should_cancel)
-    if low_vram:
-        loop = _streamed(loop)
+    loop = _streamed(loop, "cuda" if low_vram else None)
     try:
         stages.run("calibrate", lambda: quantize_transformer(model, recipe, loop))
     except CalibrationCancelled as e:
         raise EngineBuildCancelled(str(e)) from e
     if low_vram:
         move_quantizer_state(model, next(model.parameters()).device)
-    stages.run("save_calibrated_state", lambda: save_calibrated_state(model, recipe, state_path, tmp_dir=scratch))
+    pin_fp8_weight_amax(model, fp8_scales)
+    stages.run("save_calibrated_state", lambda: save_calibrated_state(model, recipe, state_path, tmp_dir=tmp_dir))
     return model
 
 
@@ -280,9 +309,15 @@ def _gpu_description() -> dict | None:
     return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
 
 
-def _streamed(loop):
+def _streamed(loop, device):
+    """loop with each block's FP8 weights dequantized only while it runs and, given a device (low_vram), each
+    block's weights on it only then."""
     def streamed_loop(model):
-        with blocks_streamed_to(model, "cuda"):
+        if device is None:
+            with dequantized_blocks(model):
+                loop(model)
+            return
+        with blocks_streamed_to(model, device), dequantized_blocks(model, device):
             loop(model)
     return streamed_loop
 

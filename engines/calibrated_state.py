@@ -26,6 +26,8 @@ from .transformer import KontextTransformer
 
 STATE_FORMAT = "kontext-trt-calibrated-state/1"
 AMAX = "._amax"
+# Where an exported ComfyUI-native checkpoint (comfy_export.py) keeps the state in its header.
+PACK_KEY = "kontext_trt"
 
 
 class CalibratedStateError(ValueError):
@@ -62,41 +64,68 @@ def save_calibrated_state(model: KontextTransformer, recipe, path: str | Path, t
     return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), tmp_dir=tmp_dir)
 
 
-def read_state_metadata(path: str | Path) -> dict:
-    """The state file's metadata, refusing a file that is not a readable safetensors state of this pack."""
+def _header(path: Path) -> dict:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CalibratedStateError(f"{path}: not a readable calibrated state ({e}); the file is damaged or cut "
                                    "short: delete it and build again (calibration runs again)") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise CalibratedStateError(f"{path}: not a Kontext TRT calibrated state (format {meta.get('format')!r})")
-    return meta
+
+
+def _state_metadata(path: Path, header: dict) -> dict:
+    if header.get("format") != STATE_FORMAT:
+        raise CalibratedStateError(f"{path}: not a Kontext TRT calibrated state (format {header.get('format')!r})")
+    return header
+
+
+def read_state_metadata(path: str | Path) -> dict:
+    """The state file's metadata, refusing a file that is not a readable safetensors state of this pack."""
+    return _state_metadata(Path(path), _header(Path(path)))
 
 
 def check_calibrated_state(path: str | Path, recipe: Recipe | None = None,
                            config: KontextConfig | None = None) -> CheckedState:
-    """Everything a reader needs from a state file, checked: its recipe (equal to `recipe` when given), its model
-    config (equal to `config` when given), and the amax of every quantizer that recipe calibrates, finite and
-    positive. Reads only the quantizer buffers, never the weights an SVDQuant state carries."""
+    """Everything a reader needs from a state file (or an exported checkpoint whose header carries the state,
+    comfy_export.py), checked: its recipe (equal to `recipe` when given), its model config (equal to `config` when
+    given), and the amax of every quantizer that recipe calibrates, finite and positive. Reads only the quantizer
+    buffers, never the weights a checkpoint or an SVDQuant state carries."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    meta = read_state_metadata(path)
+    header = _header(path)
+    if PACK_KEY in header:
+        try:
+            pack = json.loads(header[PACK_KEY])
+            recipe_data, config_data = pack["recipe"], pack["kontext_config"]
+            amax = {k: torch.tensor(v["value"], dtype=torch.float32).reshape(v["shape"]) for k, v in pack["amax"].items()}
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CalibratedStateError(f"{path}: its header's {PACK_KEY!r} entry (the calibrated state) is damaged "
+                                       f"({type(e).__name__}: {e})") from None
+        recipe_source = str(path)
+    else:
+        meta = _state_metadata(path, header)
+        try:
+            recipe_data = json.loads(meta["recipe"])
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CalibratedStateError(f"{path}: its metadata field 'recipe' is missing or not a recipe ({e})") from None
+        try:
+            config_data = json.loads(meta["kontext_config"])
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CalibratedStateError(f"{path}: its metadata field 'kontext_config' is missing or not a Kontext "
+                                       f"config ({e})") from None
+        recipe_source = meta.get("recipe_source", str(path))
+        amax = None
     try:
-        recipe_data = json.loads(meta["recipe"])
-        saved_recipe = parse_recipe(recipe_data, source=meta.get("recipe_source", str(path)),
-                                    attention=recipe_data.get("attention") is not None)
-    except (KeyError, TypeError, json.JSONDecodeError, RecipeError) as e:
+        saved_recipe = parse_recipe(recipe_data, source=recipe_source, attention=recipe_data.get("attention") is not None)
+    except (TypeError, AttributeError, RecipeError) as e:
         raise CalibratedStateError(f"{path}: its metadata field 'recipe' is missing or not a recipe ({e})") from None
     try:
-        saved_config = KontextConfig.from_dict(json.loads(meta["kontext_config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CalibratedStateError(f"{path}: its metadata field 'kontext_config' is missing or not a Kontext "
-                                   f"config ({e})") from None
+        saved_config = KontextConfig.from_dict(config_data)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CalibratedStateError(f"{path}: its metadata field 'kontext_config' is not a Kontext config ({e})") from None
     if recipe is not None and saved_recipe.to_json() != recipe.to_json():
         raise CalibratedStateError(f"{path}: expected a state calibrated with {_describe(recipe)}, got one "
                                    f"calibrated with {_describe(saved_recipe)}")
@@ -107,19 +136,27 @@ def check_calibrated_state(path: str | Path, recipe: Recipe | None = None,
         expected = saved_recipe.calibrated_quantizers(KontextTransformer(saved_config))
     try:
         with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
+            keys = set(amax) if amax is not None else set(f.keys())
             missing = [q for q in expected if q + AMAX not in keys]
             if missing:
                 raise CalibratedStateError(
                     f"{path}: expected an amax for each of the {len(expected)} quantizers recipe {saved_recipe.name} "
                     f"calibrates, got none for {len(missing)}: {missing[:4]}{' ...' if len(missing) > 4 else ''}; the "
                     "file is incomplete: delete it and build again")
-            amax = {k: f.get_tensor(k) for k in sorted(keys) if k.endswith(AMAX)}
+            if amax is None:
+                amax = {k: f.get_tensor(k) for k in sorted(keys) if k.endswith(AMAX)}
     except SafetensorError as e:
         raise CalibratedStateError(f"{path}: a tensor cannot be read ({e}); the file is damaged: delete it and "
                                    "build again") from None
     _check_values(amax, str(path))
     return CheckedState(path, saved_recipe, saved_config, amax)
+
+
+def read_calibrated(path: str | Path) -> tuple:
+    """(recipe, config, {quantizer key: amax tensor}) of a calibrated state file, or of an exported checkpoint whose
+    header carries them (comfy_export.py); checked as check_calibrated_state checks them."""
+    state = check_calibrated_state(path)
+    return state.recipe, state.config, state.amax
 
 
 def _describe(recipe: Recipe) -> str:

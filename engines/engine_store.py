@@ -1,8 +1,8 @@
 """Engines on disk: `<name>.engine` plus a `<name>.json` sidecar that says everything about it.
 
-The sidecar records the source model's fingerprint and config, the recipe, the shape profiles,
-the TensorRT flavour and version, the target GPU, the pack version, the build time and the
-build's stage timings, and the engine's size and sha256. Both files are written inside the build's
+The sidecar records the source checkpoint (name, format, fingerprint of every weight) and the model
+config, the recipe, the shape profiles, the TensorRT flavour and version, the target GPU, the pack
+version, the build time and the build's stage timings, and the engine's size and sha256. Both files are written inside the build's
 scratch folder and renamed into place, the engine first and the sidecar last: the loader accepts an
 engine only with a valid sidecar whose size and hash the engine matches, so a crash or cancel at any
 point, a torn copy or an edited file leaves nothing it could mistake for an engine. A request that
@@ -16,11 +16,9 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from .atomic import write_atomically
 from .scratch import Scratch, bookkeeping_dir, remove_abandoned_scratch
@@ -48,22 +46,6 @@ def check_safe_name(value: str, what: str, error: type[Exception] = EngineStoreE
         raise error(f"{what}: expected a name of letters, digits, '_', '-' and '.' (no '..', at most 128 "
                                f"characters) to name files in the engine folder, got {value!r}")
     return value
-
-
-def state_dict_fingerprint(sd: Mapping[str, torch.Tensor], samples_per_tensor: int = 64) -> str:
-    """A fingerprint of a model's weights without reading all 24 GB: every key, shape and dtype,
-    and `samples_per_tensor` evenly spaced values of every tensor. Two different checkpoints of one
-    architecture differ in the sampled values; the same weights always give the same fingerprint.
-    """
-    h = hashlib.sha256()
-    for key in sorted(sd):
-        t = sd[key]
-        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}".encode())
-        flat = t.detach().reshape(-1)
-        if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(samples_per_tensor, flat.numel()), device=flat.device).long()
-            h.update(flat[idx].float().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from .fp8_attention import FP8Attention
 from .fp8_attention_fa3 import resolve_fa3_library
 from .kernel_ops import custom_op, triton_fp8_kernels_available
 from .recipes import ATTENTION_QUANTIZERS
+from .source_weights import FP8Weight, SourceWeights
 from .transformer import Attention, KontextTransformer, SingleStreamBlock
 
 
@@ -245,13 +246,15 @@ def modulation_linears(model: KontextTransformer) -> list[str]:
             + [f"single_blocks.{i}.modulation.lin" for i in range(len(model.single_blocks))])
 
 
-def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device="cpu",
+def load_fp8_transformer(weights: SourceWeights | Callable[[str], Tensor], state_path, device="cpu",
                          dtype: torch.dtype = torch.bfloat16, fp8_attention: bool = True,
                          fuse_modulation: bool = True, attention_kernel: str = "auto") -> KontextTransformer:
     """A KontextTransformer whose quantized Linears are FP8Linear, from a checkpoint and a calibrated state.
 
-    get_tensor(name) returns the checkpoint's tensor for a BFL key (e.g. a safetensors safe_open
-    handle's get_tensor), so tensors are read one at a time. Attention is FP8Attention when the state
+    weights: the checkpoint's SourceWeights (source_weights.open_checkpoint), or get_tensor(name) returning a
+    16-bit tensor for a BFL key; tensors are read one at a time. An FP8 per-tensor layer of the source (an
+    fp8_scaled or comfy_quant file) is taken as it is, with its own scale: calibration pinned the weight scale to
+    it, and a state whose weight scale differs was calibrated from other weights and is refused. Attention is FP8Attention when the state
     was calibrated with attention quantization, unless fp8_attention=False (16-bit SDPA, for comparison).
     attention_kernel ("auto", "triton", "flashattention3") picks its kernel on a CUDA GPU
     (`fp8_attention_fa3.resolve_fa3_library`: auto takes FlashAttention-3 where it is built and the GPU is Hopper).
@@ -261,12 +264,12 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
     fa3_library = resolve_fa3_library(attention_kernel, torch.device(device))  # a bad choice fails before any load
     # Every quantizer the recipe calibrates has a finite, positive amax, or this raises naming it: a missing input
     # amax would otherwise run that layer with 16-bit activations, a NaN one give NaN images.
-    state = check_calibrated_state(state_path)
+    state = check_calibrated_state(state_path)  # a state file, or an exported checkpoint's header
     recipe, config, amax = state.recipe, state.config, state.amax
     if recipe.gemm != {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}:
         raise BackendError(f"{state_path}: the PyTorch backend runs the fp8 recipe; this state is {recipe.name} "
                            f"({recipe.gemm['weights']}): use its TensorRT engine")
-    get_tensor = _named_reads(get_tensor)
+    get_tensor = _named_reads(weights.get if isinstance(weights, SourceWeights) else weights)
 
     with torch.device("meta"):
         model = KontextTransformer(config, dtype=dtype)
@@ -283,14 +286,15 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
         if not isinstance(module, nn.Linear):
             continue
         weight = get_tensor(f"{name}.weight")
-        if tuple(weight.shape) != (module.out_features, module.in_features):
-            raise BackendError(f"checkpoint: {name}.weight has shape {tuple(weight.shape)}, but the calibrated state "
+        shape = tuple((weight.data if isinstance(weight, FP8Weight) else weight).shape)
+        if shape != (module.out_features, module.in_features):
+            raise BackendError(f"checkpoint: {name}.weight has shape {shape}, but the calibrated state "
                                f"{state_path} was made for a model with ({module.out_features}, {module.in_features})")
-        weight = weight.to(device)
         bias = get_tensor(f"{name}.bias").to(device, dtype) if module.bias is not None else None
         if any(fnmatch.fnmatchcase(name, p) for p in keep):
+            weight = weight.dequantize(dtype, device) if isinstance(weight, FP8Weight) else weight.to(device, dtype)
             replacement = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
-            replacement.load_state_dict({"weight": weight.to(dtype), **({"bias": bias} if bias is not None else {})},
+            replacement.load_state_dict({"weight": weight, **({"bias": bias} if bias is not None else {})},
                                         assign=True)
         else:
             w_amax = amax.get(f"{name}.weight_quantizer._amax")
@@ -298,7 +302,16 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
                 raise BackendError(f"{state_path}: no calibrated weight scale for {name}")
             i_amax = amax.get(f"{name}.input_quantizer._amax")
             w_scale = w_amax.to(device).float() / FP8_MAX
-            weight_fp8 = quantize_fp8(weight, w_scale)
+            if isinstance(weight, FP8Weight):
+                source_scale = weight.scale.to(device).float()
+                if not torch.allclose(w_scale, source_scale, rtol=1e-6, atol=0):
+                    raise BackendError(
+                        f"{state_path}: {name}'s calibrated weight scale {w_scale.item():.6g} is not the checkpoint's "
+                        f"FP8 scale {source_scale.item():.6g}: the state was calibrated from other weights than "
+                        f"{getattr(weights, 'name', 'this checkpoint')}")
+                weight_fp8, w_scale = weight.data.to(device), source_scale
+            else:
+                weight_fp8 = quantize_fp8(weight.to(device), w_scale)
             if fuse_modulation and name in fused_rows:
                 weight_fp8 = fused_rows[name].copy_(weight_fp8)
             replacement = FP8Linear(weight_fp8, w_scale, bias,
@@ -337,7 +350,7 @@ def _named_reads(get_tensor: Callable[[str], Tensor]) -> Callable[[str], Tensor]
         except (SafetensorError, KeyError, OSError, RuntimeError, ValueError) as e:
             raise BackendError(f"checkpoint: reading tensor {key} failed ({type(e).__name__}: {e}); expected the "
                                "Kontext checkpoint the engine was built from, complete and undamaged") from e
-        if not torch.is_tensor(t):
+        if not (torch.is_tensor(t) or isinstance(t, FP8Weight)):
             raise BackendError(f"checkpoint: {key}: expected a tensor, got {type(t).__name__}")
         return t
     return read

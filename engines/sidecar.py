@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
-from typing_extensions import Annotated, TypedDict
+from typing_extensions import Annotated, NotRequired, TypedDict
 
 from .config import KontextConfig
 from .contract import INPUT_NAMES, OUTPUT_NAME
@@ -55,6 +55,13 @@ class _Recipe(TypedDict):
     attention: Optional[dict]
 
 
+class _Source(TypedDict):
+    __pydantic_config__ = STRICT
+    name: Optional[str]  # None: built from weights in memory, no file
+    format: str
+    fingerprint: str
+
+
 class _Sidecar(TypedDict):
     __pydantic_config__ = STRICT
     format: Literal[SIDECAR_FORMAT]
@@ -63,6 +70,7 @@ class _Sidecar(TypedDict):
     engine_bytes: Annotated[int, Field(gt=0)]
     engine_sha256: Sha256
     model_fingerprint: str
+    source: NotRequired[_Source]  # older sidecars have none: the loader then asks for the checkpoint
     model_config: dict
     recipe: _Recipe
     profiles: Annotated[list[_Profile], Field(min_length=1)]

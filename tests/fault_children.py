@@ -86,12 +86,11 @@ def build_and_die(store_root: str, pairs_dir: str, kill_at: str) -> None:
     import engines.calibrated_state
     import engines.engine_store
 
-    progress = None
-    if kill_at in ("calibrate", "build_engine"):
-        def progress(stage, done, total):
-            if stage == kill_at:
-                die()
-    elif kill_at == "save_state":
+    def progress(stage, done, total):
+        if stage == kill_at:  # "calibrate" and "build_engine" are progress stages
+            die()
+
+    if kill_at == "save_state":
         _kill_in_write(engines.calibrated_state, ".calibration.safetensors")
     elif kill_at == "after_export":
         real_export = engines.build.export_onnx
@@ -104,7 +103,7 @@ def build_and_die(store_root: str, pairs_dir: str, kill_at: str) -> None:
         _kill_in_write(engines.engine_store, ".engine")
     elif kill_at == "save_sidecar":
         _kill_in_write(engines.engine_store, ".json")
-    else:
+    elif kill_at not in ("calibrate", "build_engine"):
         raise ValueError(f"kill_at: unknown point {kill_at!r}")
     build(Path(store_root), Path(pairs_dir), progress=progress)
     raise AssertionError(f"the build finished although it was to be killed at {kill_at}")
