@@ -69,8 +69,10 @@ class StageRecorder:
 
     def __init__(self, cuda: bool):
         self.cuda, self.stages = cuda, {}
+        self.current = None  # the stage running, or last run: what a failure was doing
 
     def run(self, name, fn):
+        self.current = name
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -143,32 +145,31 @@ def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], re
     store.prepare(needed_bytes=needed)
     check_finite_weights(model)
 
+    stages = StageRecorder(low_vram or next(model.parameters()).is_cuda)
     with _request_locked(store, name, progress, should_cancel):
         cached = store.lookup(request)  # the build this one waited for made it
         if cached is not None:
             return BuildResult(cached, state_path if state_path.is_file() else None, cached=True)
-        with Scratch(store.root) as scratch:
-            try:
-                path, stages = _build(lambda: transformer_from_source(weights, device=device), model, recipe, profiles,
-                                      samples, steps, store, request, source, trt, scratch.path, state_path,
-                                      compute_capability=compute_capability, keep_onnx=keep_onnx, low_vram=low_vram,
-                                      progress=progress, should_cancel=should_cancel)
-            except OSError as e:
-                if e.errno != errno.ENOSPC:
-                    raise
-                free = shutil.disk_usage(store.root).free
-                raise EngineStoreError(f"engine folder {store.root}: ran out of space writing {e.filename or 'a file'} "
-                                       f"({human_size(free)} free now; the build needs about {human_size(needed)}): "
-                                       "free space there or choose another folder; nothing of this build was kept"
-                                       ) from e
-    return BuildResult(path, state_path, cached=False, stages=stages)
+        try:
+            with Scratch(store.root) as scratch:
+                path = _build(lambda: transformer_from_source(weights, device=device), model, recipe, profiles, samples,
+                              steps, store, request, source, trt, scratch.path, state_path, stages,
+                              compute_capability=compute_capability, keep_onnx=keep_onnx, low_vram=low_vram,
+                              progress=progress, should_cancel=should_cancel)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            free = shutil.disk_usage(store.root).free  # with this build's files removed
+            raise EngineStoreError(f"engine folder {store.root}: ran out of space in the build's stage "
+                                   f"{stages.current} ({human_size(free)} free once this build's files were removed): "
+                                   "free space there or choose another folder; nothing of this build was kept") from e
+    return BuildResult(path, state_path, cached=False, stages=stages.stages)
 
 
 def _build(remake, model, recipe: Recipe, profiles, samples, steps: int, store: EngineStore, request: EngineRequest,
-           source: dict, trt: TensorRT, scratch: Path, state_path: Path, *, compute_capability, keep_onnx: bool,
-           low_vram: bool, progress: Progress | None, should_cancel) -> tuple[Path, dict]:
-    cuda = low_vram or next(model.parameters()).is_cuda
-    stages = StageRecorder(cuda)
+           source: dict, trt: TensorRT, scratch: Path, state_path: Path, stages: StageRecorder, *, compute_capability,
+           keep_onnx: bool, low_vram: bool, progress: Progress | None, should_cancel) -> Path:
+    cuda = stages.cuda
 
     def report(stage):
         return None if progress is None else (lambda done, total, *_: progress(stage, done, total))
@@ -202,11 +203,12 @@ def _build(remake, model, recipe: Recipe, profiles, samples, steps: int, store: 
             pack_version=request.pack_version, built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             io={name: {"dtype": dtype, "shape": list(shape)} for name, (dtype, shape) in built.io.items()},
             stages=stages.stages)
+        stages.current = "save_engine"  # not timed: the sidecar is written in it
         path = store.save(request, built.serialized, metadata, scratch)
     finally:
         if keep_onnx and onnx_path.is_file():
             _keep_onnx(onnx_dir, store.root / f"{request.name()}.onnx.d", scratch)
-    return path, stages.stages
+    return path
 
 
 def _keep_onnx(onnx_dir: Path, dest: Path, scratch: Path) -> None:

@@ -75,6 +75,9 @@ def remove_abandoned_scratch(folder: str | Path) -> list[Path]:
                 lock.acquire(timeout=0)
             except Timeout:
                 continue  # its owner is running
+            except OSError as e:  # a read-only models folder: nothing can be removed from it anyway
+                log.debug("Kontext TRT: cannot check %s (%s)", scratch, e)
+                continue
             lock.release()
         shutil.rmtree(scratch, ignore_errors=True)
         removed.append(scratch)

@@ -67,5 +67,13 @@ def standin_builder(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def refuse_calibration(monkeypatch):
+    """Calibration fails the test: for inputs that must be refused before it starts."""
+    def refuse(*a, **k):
+        raise AssertionError("calibrated although the input could be refused before")
+    monkeypatch.setattr("engines.build.quantize_transformer", refuse)
+
+
 def sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

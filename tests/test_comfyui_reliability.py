@@ -54,8 +54,7 @@ def test_the_loader_node_refuses_a_damaged_engine_naming_it(comfy):
 def test_the_loader_node_refuses_a_damaged_checkpoint_naming_it(comfy):
     nodes, _, engine, checkpoint = comfy
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
-    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint}: not a readable .safetensors file .*expected the "
-                                         "Kontext checkpoint the engine was built from"):
+    with pytest.raises(ValueError, match=rf"{checkpoint.name}: not a readable .safetensors file"):
         load(nodes, engine)
 
 

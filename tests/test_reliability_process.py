@@ -116,16 +116,9 @@ def mount_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(point)], check=False)
 
 
-def refuse_calibration(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("calibrated although the engine folder could be refused before")
-    monkeypatch.setattr("engines.build.quantize_transformer", refuse)
-
-
-def test_a_folder_too_small_for_the_build_is_refused_before_calibration(mount_tmpfs, pairs_dir, monkeypatch):
+def test_a_folder_too_small_for_the_build_is_refused_before_calibration(mount_tmpfs, pairs_dir, refuse_calibration):
     # The tiny model's 16-bit weights are 2.4 MiB: the build needs about 3.6 MiB by the pack's estimate.
     root = mount_tmpfs("2m") / "tensorrt"
-    refuse_calibration(monkeypatch)
     with pytest.raises(EngineStoreError, match=rf"engine folder {root}: the build needs about 3.6 MiB free \(the "
                                                r"exported ONNX and the engine\), got 2.0 MiB free"):
         fault_children.build(root, pairs_dir)
@@ -135,8 +128,10 @@ def test_a_disk_filling_during_the_build_fails_cleanly_and_keeps_nothing_half_wr
     # 6 MiB passes the estimate; the ONNX (2.6 MiB) and TensorRT-RTX's engine for the tiny model (7.3 MiB: its
     # kernels, not its weights, dominate) do not fit.
     root = mount_tmpfs("6m") / "tensorrt"
-    with pytest.raises(EngineStoreError, match=rf"engine folder {root}: ran out of space writing .*free space there or "
-                                               "choose another folder; nothing of this build was kept"):
+    with pytest.raises(EngineStoreError, match=rf"engine folder {root}: ran out of space in the build's stage "
+                                               r"(export_onnx|build_engine|save_engine) \(.* free once this build's "
+                                               r"files were removed\): free space there or choose another folder; "
+                                               "nothing of this build was kept"):
         fault_children.build(root, pairs_dir)
     left = store_files(root)
     assert [f for f in left if not f.endswith(".calibration.safetensors")] == []  # the calibrated state is whole
@@ -146,23 +141,22 @@ def test_a_disk_filling_during_the_build_fails_cleanly_and_keeps_nothing_half_wr
         check_calibrated_state(root / state)
 
 
-def test_a_folder_that_cannot_be_written_is_refused_before_calibration(mount_tmpfs, tmp_path, pairs_dir, monkeypatch):
+def test_a_folder_that_cannot_be_written_is_refused_before_calibration(mount_tmpfs, tmp_path, pairs_dir,
+                                                                       refuse_calibration):
     if os.geteuid() == 0:  # root writes through permission bits: a read-only mount is what stops it
         root = mount_tmpfs("1m", read_only=True)
     else:
         root = tmp_path / "read_only"
         root.mkdir()
         root.chmod(0o555)
-    refuse_calibration(monkeypatch)
     with pytest.raises(EngineStoreError, match=rf"engine folder {root}: expected a writable folder, but writing in it "
                                                r"failed \(.+\); choose a writable folder"):
         fault_children.build(root, pairs_dir)
 
 
-def test_an_engine_folder_that_is_a_file_is_refused_before_calibration(tmp_path, pairs_dir, monkeypatch):
+def test_an_engine_folder_that_is_a_file_is_refused_before_calibration(tmp_path, pairs_dir, refuse_calibration):
     (tmp_path / "models").write_text("not a folder")
     root = tmp_path / "models" / "tensorrt"
-    refuse_calibration(monkeypatch)
     with pytest.raises(EngineStoreError, match=rf"engine folder {root}: expected a folder, but it or a folder above it "
                                                "is a file"):
         fault_children.build(root, pairs_dir)

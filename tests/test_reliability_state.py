@@ -105,20 +105,13 @@ def test_the_pytorch_backend_names_a_tensor_the_checkpoint_lacks(built_store, pa
         load_fp8_transformer(damaged.__getitem__, state_of(engine), dtype=torch.float32)
 
 
-def no_calibration(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("calibrated although the input was refusable before")
-    monkeypatch.setattr("engines.build.quantize_transformer", refuse)
-
-
-def test_nan_in_the_model_is_named_before_calibration(pairs_dir, tmp_path, monkeypatch):
+def test_nan_in_the_model_is_named_before_calibration(pairs_dir, tmp_path, monkeypatch, refuse_calibration):
     sd, pairs = fault_children.tiny_inputs(str(pairs_dir))
     damaged = dict(sd)
     weight = damaged["single_blocks.0.linear1.weight"].clone()
     weight[3, 5] = math.nan
     damaged["single_blocks.0.linear1.weight"] = weight
     monkeypatch.setattr(fault_children, "tiny_inputs", lambda _: (damaged, pairs))
-    no_calibration(monkeypatch)
     with pytest.raises(ValueError, match=r"model: weight single_blocks.0.linear1.weight: expected finite values, "
                                          r"got 1 NaN or infinite") as refused:
         fault_children.build(tmp_path / "tensorrt", pairs_dir)
@@ -130,7 +123,8 @@ def test_nan_in_the_model_is_named_before_calibration(pairs_dir, tmp_path, monke
     ("reference", math.inf, r"reference: expected finite values, got 1 NaN or infinite"),
     ("txt", "empty", r"txt: expected a non-empty tensor of 3 dims, batch 1, got \(1, 0, 48\)"),
 ])
-def test_a_damaged_calibration_pair_is_named_before_calibration(field, value, named, pairs_dir, tmp_path, monkeypatch):
+def test_a_damaged_calibration_pair_is_named_before_calibration(field, value, named, pairs_dir, tmp_path,
+                                                                refuse_calibration):
     _, pairs = fault_children.tiny_inputs(str(pairs_dir))
     t = getattr(pairs[1], field)
     if value == "empty":
@@ -139,7 +133,6 @@ def test_a_damaged_calibration_pair_is_named_before_calibration(field, value, na
         t = t.clone()
         t[0, 2, 3] = value
     damaged = [pairs[0], dataclasses.replace(pairs[1], **{field: t})]
-    no_calibration(monkeypatch)
     with pytest.raises(CalibrationSetError, match=rf"calibration pair 1 \(01_house_day\): {named}"):
         fault_children.build(tmp_path / "tensorrt", pairs_dir, pairs=damaged)
 
