@@ -15,7 +15,6 @@ PreviewImage, LoadImageOutput and bypassed nodes; in newer ones the subgraph). R
   own choice of the closest aspect ratio gives 144 x 96 for a 3:2 image instead of 1248 x 832.
 Skips without a ComfyUI checkout (COMFYUI_PATH) or without the comfyui-workflow-templates package; never downloads.
 """
-import asyncio
 import json
 import sys
 from pathlib import Path
@@ -65,14 +64,12 @@ class RecordingVae(StandInVae):
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    path = import_comfyui()
+    import_comfyui()
     import folder_paths
     import nodes
 
-    if "FluxKontextImageScale" not in nodes.NODE_CLASS_MAPPINGS:  # comfy_extras, as ComfyUI's main.py loads them
-        run_workflow.import_comfyui(str(path))
-        if "FluxKontextImageScale" not in nodes.NODE_CLASS_MAPPINGS:
-            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False))
+    if "FluxKontextImageScale" not in nodes.NODE_CLASS_MAPPINGS:
+        run_workflow.load_comfy_extras()
     tmp = tmp_path_factory.mktemp("official_template")
     for d in ("diffusion_models", "input", "output", "temp"):
         (tmp / d).mkdir()
