@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import math
@@ -32,9 +33,10 @@ import torch
 
 from filelock import Timeout
 
-from .calibrated_state import CalibratedStateError, load_calibrated_state, save_calibrated_state
+from .calibrated_state import CalibratedStateError, load_calibrated_state, read_calibrated, save_calibrated_state
 from .calibration import (CalibrationCancelled, EncodedPair, calibration_content_hash, calibration_forward_loop,
                           check_encoded_pairs)
+from .comfy_export import write_state_from_checkpoint
 from .engine_store import EngineRequest, EngineStore, EngineStoreError, human_size
 from .offload import blocks_streamed_to, move_quantizer_state
 from .onnx_export import check_export_dependencies, export_onnx
@@ -106,7 +108,8 @@ def engine_request(fingerprint: str, config, recipe: Recipe, profiles: Sequence[
 def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], recipe: Recipe, profiles: Sequence[ShapeProfile],
                          samples: Sequence[EncodedPair], steps: int, store: EngineStore, *,
                          calibration_name: str = "custom", compute_capability: tuple[int, int] | None = None,
-                         keep_onnx: bool = False, low_vram: bool = False, device=None, progress: Progress | None = None,
+                         keep_onnx: bool = False, low_vram: bool = False, device=None,
+                         calibrated_from: Path | None = None, progress: Progress | None = None,
                          should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None) -> BuildResult:
     """Build (or find) the engine for this model, recipe and profiles. weights: the transformer's weights
     (SourceWeights, or a state dict: ComfyUI's tensors, shared, never modified), 16-bit or FP8 per-tensor.
@@ -115,17 +118,16 @@ def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], re
 
     low_vram: sd stays in system memory; calibration streams one block at a time to the GPU and the
     export runs on the CPU (FP8 max calibration only: it never rewrites weights). device: where a file's tensors
-    are read to (None: where the weights are, e.g. ComfyUI's tensors on its GPU).
+    are read to (None: where the weights are, e.g. ComfyUI's tensors on its GPU). calibrated_from: an exported
+    checkpoint (comfy_export.py) whose embedded state is used instead of calibrating; its recipe must be `recipe`.
     """
     recipe.check_exportable()  # before any calibration work
-    check_encoded_pairs(samples, steps)
+    calibration = _calibration(samples, steps, calibration_name, calibrated_from, recipe)
     trt = trt or import_tensorrt()
     if not isinstance(weights, SourceWeights):
         weights = from_state_dict(weights, name=None)  # no file: the sidecar records no source name
     source = weights.describe()
     model = transformer_from_source(weights, device=device)
-    calibration = {"set": calibration_name, "pairs": len(samples), "steps": steps,
-                   "content_sha256": calibration_content_hash(samples)}
     request = engine_request(source["fingerprint"], model.config, recipe, profiles, calibration, trt, compute_capability)
     name = request.name()  # refuses a recipe or profile name that would leave the store
     if store.root.is_dir():
@@ -154,8 +156,8 @@ def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], re
             with Scratch(store.root) as scratch:
                 path = _build(lambda: transformer_from_source(weights, device=device), model, recipe, profiles, samples,
                               steps, store, request, source, trt, scratch.path, state_path, stages,
-                              compute_capability=compute_capability, keep_onnx=keep_onnx, low_vram=low_vram,
-                              progress=progress, should_cancel=should_cancel)
+                              compute_capability=compute_capability, calibrated_from=calibrated_from,
+                              keep_onnx=keep_onnx, low_vram=low_vram, progress=progress, should_cancel=should_cancel)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -166,9 +168,25 @@ def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], re
     return BuildResult(path, state_path, cached=False, stages=stages.stages)
 
 
+def _calibration(samples, steps: int, name: str, calibrated_from, recipe: Recipe) -> dict:
+    """The request's calibration record, its content hashed (a set edited in place is a new request): the encoded
+    pairs, checked first; or the state embedded in an exported checkpoint, checked, of the recipe asked for."""
+    if calibrated_from is None:
+        check_encoded_pairs(samples, steps)
+        return {"set": name, "pairs": len(samples), "steps": steps, "content_sha256": calibration_content_hash(samples)}
+    embedded, _, amax = read_calibrated(calibrated_from)
+    if embedded.to_json() != recipe.to_json():
+        raise BuildInputError(f"{Path(calibrated_from).name}: calibrated with recipe {embedded.name}"
+                              f"{' and FP8 attention' if embedded.attention else ''}, not the {recipe.name} asked for")
+    h = hashlib.sha256()
+    for key in sorted(amax):
+        h.update(key.encode() + amax[key].detach().float().cpu().numpy().tobytes())
+    return {"set": f"embedded in {Path(calibrated_from).name}", "pairs": 0, "steps": 0, "content_sha256": h.hexdigest()}
+
+
 def _build(remake, model, recipe: Recipe, profiles, samples, steps: int, store: EngineStore, request: EngineRequest,
            source: dict, trt: TensorRT, scratch: Path, state_path: Path, stages: StageRecorder, *, compute_capability,
-           keep_onnx: bool, low_vram: bool, progress: Progress | None, should_cancel) -> Path:
+           calibrated_from, keep_onnx: bool, low_vram: bool, progress: Progress | None, should_cancel) -> Path:
     cuda = stages.cuda
 
     def report(stage):
@@ -178,6 +196,8 @@ def _build(remake, model, recipe: Recipe, profiles, samples, steps: int, store: 
         if should_cancel is not None and should_cancel():
             raise EngineBuildCancelled(f"engine build cancelled before {where}")
 
+    if calibrated_from is not None:  # its state, written afresh each time (a few KB): resumed from below
+        write_state_from_checkpoint(calibrated_from, state_path, tmp_dir=scratch)
     model = calibrate_or_resume(model, recipe, samples, steps, state_path, stages, remake=remake, tmp_dir=scratch,
                                 low_vram=low_vram, progress=report("calibrate"), should_cancel=should_cancel)
     cancel_point("the ONNX export")

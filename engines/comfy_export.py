@@ -265,7 +265,7 @@ def is_exported_checkpoint(path) -> bool:
         return False
 
 
-def write_state_from_checkpoint(path, state_path) -> Path:
+def write_state_from_checkpoint(path, state_path, tmp_dir=None) -> Path:
     """The calibrated state embedded in an exported checkpoint, as a state file the build resumes from."""
     from safetensors.torch import save_file
 
@@ -275,4 +275,4 @@ def write_state_from_checkpoint(path, state_path) -> Path:
     metadata = {"format": STATE_FORMAT, "recipe": recipe.to_json(), "recipe_source": str(path),
                 "kontext_config": json.dumps(config.to_dict(), sort_keys=True), "pack_version": __version__}
     tensors = {k: v.contiguous() for k, v in amax.items()}
-    return write_atomically(state_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return write_atomically(state_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), tmp_dir=tmp_dir)

@@ -115,3 +115,41 @@ def test_nvfp4_quantization_round_trips_within_fp4_error():
     blocks_max = w.abs().reshape(48, 4, 16).amax(-1, keepdim=True)
     assert ((back - w).abs().reshape(48, 4, 16) <= blocks_max / 4 + 1e-6).all()
     assert (back - w).norm() / w.norm() < 0.12
+
+
+def test_command_line_export_writes_the_same_file(calibrated, tmp_path):
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "scripts"))
+    from export_checkpoint import main
+
+    sd, state, out, _ = calibrated
+    source = save_file(sd, str(tmp_path / "kontext.safetensors")) or tmp_path / "kontext.safetensors"
+    assert main(["--checkpoint", str(source), "--state", str(state), "--out", str(tmp_path / "cli.safetensors")]) == 0
+    a, b = load_file(str(out)), load_file(str(tmp_path / "cli.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8))
+                                    for k in a)
+
+
+def test_an_engine_builds_from_the_exported_checkpoint_without_calibrating(calibrated, tmp_path, monkeypatch):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (tensorrt-rtx-cu12) builds engines on the CPU")
+    import engines.build as build
+
+    from engines.engine_store import EngineStore
+    from engines.shape_profiles import named_profile
+    from engines.tensorrt_build import import_tensorrt
+
+    _, _, out, _ = calibrated
+    monkeypatch.setattr(build, "calibration_forward_loop",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("calibrated again")))
+    with open_checkpoint(out) as weights:
+        with pytest.raises(ValueError, match=r"calibrated with recipe fp8 and FP8 attention, not the fp8 asked for"):
+            build.build_kontext_engine(weights, load_recipe("fp8", attention=False), [named_profile("kontext_1ref")],
+                                       [], 0, EngineStore(tmp_path / "trt"), calibrated_from=out,
+                                       compute_capability=(8, 9), trt=import_tensorrt("tensorrt_rtx"))
+        result = build.build_kontext_engine(weights, load_recipe("fp8", attention=True), [named_profile("kontext_1ref")],
+                                            [], 0, EngineStore(tmp_path / "trt"), calibrated_from=out,
+                                            compute_capability=(8, 9), trt=import_tensorrt("tensorrt_rtx"))
+    assert result.engine.is_file() and "calibrate (resumed from saved state)" in result.stages
