@@ -18,9 +18,10 @@ def register_tensorrt_folder() -> None:
         folder_paths.folder_names_and_paths[FOLDER] = (paths, set(extensions) | set(ENGINE_SUFFIXES))
     else:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], set(ENGINE_SUFFIXES))
-    for folder in folder_paths.folder_names_and_paths[FOLDER][0]:
+    # what a build (or a checkpoint export) killed in the last session left in these folders
+    for folder in [*folder_paths.get_folder_paths(FOLDER), *folder_paths.get_folder_paths("diffusion_models")]:
         if os.path.isdir(folder):
-            remove_abandoned_scratch(folder)  # a build killed in the last session left its files there
+            remove_abandoned_scratch(folder)
 
 
 def engine_store() -> EngineStore:

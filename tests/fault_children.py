@@ -134,3 +134,19 @@ def build_and_report(store_root: str, pairs_dir: str, signals: str, name: str, p
 
     result = build(Path(store_root), Path(pairs_dir), progress=progress)
     (signals / f"{name}.json").write_text(json.dumps({"engine": str(result.engine), "cached": result.cached}))
+
+
+def export_and_die(checkpoint: str, state: str, out: str) -> None:
+    """A checkpoint export (comfy_export) killed with SIGKILL once it has written its header and first tensor."""
+    import engines.comfy_export
+    from engines.source_weights import open_checkpoint
+
+    real_write = engines.comfy_export.write_safetensors
+
+    def write_then_die(path, entries, metadata):
+        real_write(path, entries[:1], metadata)
+        die()
+    engines.comfy_export.write_safetensors = write_then_die
+    with open_checkpoint(checkpoint) as weights:
+        engines.comfy_export.export_comfy_checkpoint(weights, state, out)
+    raise AssertionError("the export finished although it was to be killed")

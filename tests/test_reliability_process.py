@@ -173,3 +173,26 @@ def test_keep_onnx_on_a_rebuild_replaces_the_kept_onnx(tmp_path, pairs_dir, stan
     assert not second.cached and len(standin_builder) == 2
     assert (kept / "kontext.onnx").read_bytes() != b"the earlier export"
     assert [f for f in store_files(root) if not f.startswith(kept.name)] == entry_files(second.engine)
+
+
+def test_after_a_checkpoint_export_killed_mid_write_the_next_leaves_only_the_checkpoint(built_store, pairs_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from engines.comfy_export import export_comfy_checkpoint
+    from engines.source_weights import open_checkpoint
+
+    _, engine, _ = built_store
+    state = engine.with_name(engine.stem + ".calibration.safetensors")
+    models = tmp_path / "diffusion_models"
+    models.mkdir()
+    source = models / "tiny_kontext.safetensors"
+    sd, _ = fault_children.tiny_inputs(str(pairs_dir))
+    save_file(dict(sd), str(source))
+    out = models / "tiny_kontext_fp8.safetensors"
+    child = fault_children.context().Process(target=fault_children.export_and_die, args=(str(source), str(state), str(out)))
+    child.start()
+    child.join(CHILD_LIMIT_S)
+    assert child.exitcode == -signal.SIGKILL
+    with open_checkpoint(source) as weights:
+        export_comfy_checkpoint(weights, state, out)
+    assert store_files(models) == sorted([out.name, source.name])  # no .partial of the killed export left
