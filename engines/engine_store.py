@@ -2,12 +2,12 @@
 
 The sidecar records the source checkpoint (name, format, fingerprint of every weight) and the model
 config, the recipe, the shape profiles, the TensorRT flavour and version, the target GPU, the pack
-version, the build time and the build's stage timings, and the engine's size and sha256. Both files are written inside the build's
-scratch folder and renamed into place, the engine first and the sidecar last: the loader accepts an
-engine only with a valid sidecar whose size and hash the engine matches, so a crash or cancel at any
-point, a torn copy or an edited file leaves nothing it could mistake for an engine. A request that
-matches an existing, intact entry's key is answered with that engine instead of a rebuild; a damaged
-or mismatched entry is never reused.
+version, the build time and the build's stage timings, and the engine's size and sha256. Both files
+are written inside the build's scratch folder and renamed into place, the engine first and the
+sidecar last: the loader accepts an engine only with a valid sidecar whose size and hash the engine
+matches, so a crash or cancel at any point, a torn copy or an edited file leaves nothing it could
+mistake for an engine. A request that matches an existing, intact entry's key is answered with that
+engine instead of a rebuild; a damaged or mismatched entry is never reused.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
 
 from .atomic import write_atomically
 from .scratch import Scratch, bookkeeping_dir, remove_abandoned_scratch
@@ -44,7 +43,7 @@ def check_safe_name(value: str, what: str, error: type[Exception] = EngineStoreE
     """A name that stays one file name inside the store: no separators, no '..', nothing hidden."""
     if not isinstance(value, str) or not SAFE_NAME.fullmatch(value) or ".." in value:
         raise error(f"{what}: expected a name of letters, digits, '_', '-' and '.' (no '..', at most 128 "
-                               f"characters) to name files in the engine folder, got {value!r}")
+                    f"characters) to name files in the engine folder, got {value!r}")
     return value
 
 

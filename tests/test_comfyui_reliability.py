@@ -65,7 +65,7 @@ def test_loading_removes_what_killed_builds_left_but_not_a_running_builds_folder
     killed = engines / ".kontext_trt" / "scratch" / "killed_build"
     (killed / "onnx").mkdir(parents=True)
     (killed / "onnx" / "kontext.onnx").write_bytes(b"22 GiB at full size")
-    (killed / "owner.lock").touch()  # its owner's lock went with the process
+    killed.with_name("killed_build.lock").touch()  # its owner's lock went with the process
     with Scratch(engines) as running:
         (running.path / "kontext.onnx").write_bytes(b"being exported")
         load(nodes, engine)

@@ -160,3 +160,26 @@ def test_the_engine_hash_is_read_once_per_version_of_the_file(store_copy, monkey
     os.utime(engine, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # rewritten later, as a copy over it would
     store.read_metadata(engine)  # same bytes: accepted, after reading them
     assert reads == [engine]
+
+
+def test_a_killed_owners_scratch_folder_is_removed_and_a_running_ones_kept(tmp_path):
+    """What the next build, a load and ComfyUI's start run on an engine folder (scratch.remove_abandoned_scratch)."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from engines.scratch import Scratch, remove_abandoned_scratch
+
+    child = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); from engines.scratch import Scratch; "
+        "s = Scratch(sys.argv[2]).__enter__(); (s.path / 'kontext.onnx').write_bytes(b'22 GiB at full size'); "
+        "os.kill(os.getpid(), signal.SIGKILL)"), str(ROOT), str(tmp_path)])
+    assert child.returncode == -signal.SIGKILL
+    left = list((tmp_path / ".kontext_trt" / "scratch").glob("*/kontext.onnx"))
+    assert len(left) == 1  # what a killed build leaves until someone looks
+    with Scratch(tmp_path) as running:
+        (running.path / "kontext.onnx").write_bytes(b"being exported")
+        assert remove_abandoned_scratch(tmp_path) == [left[0].parent]
+        assert (running.path / "kontext.onnx").is_file()
+    assert list((tmp_path / ".kontext_trt" / "scratch").iterdir()) == []  # its own folder and lock go with it
