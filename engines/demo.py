@@ -222,7 +222,7 @@ def run_main_job(out: Path, *, size: int = 384, steps: int = 8, calibration_step
                     f"{mib(fp8_bytes)} (16-bit {mib(bf16_bytes)})", error_text(cos, rel),
                     data=dict(auto_backend=chosen, why=why, weight_bytes=fp8_bytes, bytes_16bit=bf16_bytes,
                               cosine_min=cos, rel_l2_mean=rel)))
-        say(f"    the loader's backend 'auto' would take {chosen} here, because {why}")
+        say(f"    the loader's backend 'auto' would choose {chosen}: {why}")
 
         # 6. Three turns, each on the previous turn's latent, on both models.
         chains, seconds = {}, {}
