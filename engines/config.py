@@ -49,10 +49,15 @@ class KontextConfig:
         d["axes_dim"] = list(self.axes_dim)
         return d
 
-    def comfy_unet_config(self) -> dict:
+    def comfy_unet_config(self, params_fields=()) -> dict:
         """ComfyUI's unet_config for this transformer (comfy.supported_models.Flux, or comfy.ldm.flux.model.Flux's
-        keyword arguments). ComfyUI counts latent channels before its 2x2 patchify: 16, not 64."""
-        return dict(image_model="flux", in_channels=self.in_channels // 4, out_channels=self.out_channels // 4,
+        keyword arguments). ComfyUI counts latent channels before its 2x2 patchify: 16, not 64.
+
+        params_fields: the field names of the running ComfyUI's FluxParams. Newer ComfyUI adds required fields
+        (0.8.0: txt_ids_dims, shared with Flux 2) that older ones refuse as unknown keywords; each one named
+        here is given the value ComfyUI's own checkpoint detection gives FLUX.1 (COMFY_FLUX1_FIELDS)."""
+        extra = {k: v for k, v in COMFY_FLUX1_FIELDS.items() if k in set(params_fields)}
+        return dict(extra, image_model="flux", in_channels=self.in_channels // 4, out_channels=self.out_channels // 4,
                     patch_size=2, vec_in_dim=self.vec_in_dim, context_in_dim=self.context_in_dim,
                     hidden_size=self.hidden_size, mlp_ratio=self.mlp_ratio, num_heads=self.num_heads, depth=self.depth,
                     depth_single_blocks=self.depth_single_blocks, axes_dim=list(self.axes_dim), theta=self.theta,
@@ -69,6 +74,10 @@ class KontextConfig:
             d["axes_dim"] = tuple(d["axes_dim"])
         return cls(**d)
 
+
+# FluxParams fields that not every ComfyUI has, with the values its model detection sets for FLUX.1
+# (comfy/model_detection.py: txt_ids_dims [] — text tokens keep all-zero position ids).
+COMFY_FLUX1_FIELDS = {"txt_ids_dims": []}
 
 # FLUX.1 Kontext [dev], 11.9 B parameters.
 KONTEXT_DEV = KontextConfig()

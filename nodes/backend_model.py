@@ -5,6 +5,8 @@ offset / index / uxo and whatever ComfyUI adds, unpatchify) and replaces only `f
 token-level cut of the engine contract. It creates no layers, so the MODEL costs the backend's
 memory only. What the backend cannot honour is refused, never ignored.
 """
+import dataclasses
+
 import torch
 
 import comfy.ldm.flux.model
@@ -114,9 +116,14 @@ class BackendModelPatcher(comfy.model_patcher.ModelPatcher):
         return []
 
 
+def flux_params_fields() -> set[str]:
+    """The fields this ComfyUI's FluxParams has (0.8.0 added required ones): what the unet_config may carry."""
+    return {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+
+
 def backend_model(backend: torch.nn.Module, config, size_bytes: int, dtype, load_device, offload_device):
     """A ComfyUI MODEL (ModelPatcher) whose Flux forward runs `backend` (engine contract in, tokens out)."""
-    model_config = comfy.supported_models.Flux(config.comfy_unet_config())
+    model_config = comfy.supported_models.Flux(config.comfy_unet_config(flux_params_fields()))
     model_config.set_inference_dtype(dtype, None)
     model = BackendFluxModel(model_config, device=offload_device, unet_model=BackendFlux)
     model.diffusion_model.backend = backend

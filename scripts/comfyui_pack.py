@@ -24,6 +24,14 @@ def load_pack_into_comfyui(tmp_path: Path) -> dict:
     return _LOADED
 
 
+def flux_unet_config(cfg) -> dict:
+    """cfg's unet_config for the running ComfyUI, whose FluxParams may require fields others lack (0.8.0)."""
+    import dataclasses
+    import comfy.ldm.flux.model
+
+    return cfg.comfy_unet_config({f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)})
+
+
 def comfy_flux_model(cfg, sd: dict, dtype, load_device=None, weight_dtype=None, fp8_optimizations: bool = False):
     """ComfyUI's Flux MODEL (ModelPatcher over comfy.model_base.Flux) over `sd`, assigned, not copied.
 
@@ -36,7 +44,7 @@ def comfy_flux_model(cfg, sd: dict, dtype, load_device=None, weight_dtype=None, 
     import comfy.model_patcher
     import comfy.supported_models
 
-    model_config = comfy.supported_models.Flux(cfg.comfy_unet_config())
+    model_config = comfy.supported_models.Flux(flux_unet_config(cfg))
     model_config.set_inference_dtype(weight_dtype or dtype, dtype if weight_dtype is not None else None)
     if fp8_optimizations:
         model_config.optimizations["fp8"] = True

@@ -88,8 +88,15 @@ class _Server:  # what PromptExecutor reports to; headless, so progress goes now
 
 
 def new_executor():
+    """ComfyUI's PromptExecutor with its default (classic) cache, set up as ComfyUI's main.py does. 0.8.0
+    replaced cache_size with cache_args and reads cache_args["ram"] after every node, so it is given the
+    values of main.py's defaults (no LRU, no RAM-pressure cache) where the signature has it."""
+    import inspect
+
     import execution
 
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        return execution.PromptExecutor(_Server(), cache_type=False, cache_args={"lru": 0, "ram": 0})
     return execution.PromptExecutor(_Server(), cache_type=False)
 
 

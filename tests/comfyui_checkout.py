@@ -45,3 +45,4 @@ def import_comfyui() -> Path:
 sys.path.insert(0, str(ROOT / "scripts"))
 from comfyui_pack import load_pack_into_comfyui  # noqa: E402,F401  (shared with the workflow runner)
 from tiny_kontext import tiny_comfy_kontext  # noqa: E402,F401
+from comfyui_pack import flux_unet_config  # noqa: E402,F401

@@ -8,7 +8,7 @@ Runs when a ComfyUI checkout is importable (COMFYUI_PATH), skips with the reason
 import pytest
 import torch
 
-from comfyui_checkout import import_comfyui
+from comfyui_checkout import flux_unet_config, import_comfyui
 from engines import random_state_dict, tiny_config, transformer_from_state_dict
 from engines.tokens import edit_ids
 
@@ -23,12 +23,10 @@ def models():
 
     cfg = tiny_config()
     sd = random_state_dict(cfg, seed=2)
-    comfy_flux = comfy.ldm.flux.model.Flux(
-        in_channels=16, out_channels=16, vec_in_dim=cfg.vec_in_dim, context_in_dim=cfg.context_in_dim,
-        hidden_size=cfg.hidden_size, mlp_ratio=cfg.mlp_ratio, num_heads=cfg.num_heads, depth=cfg.depth,
-        depth_single_blocks=cfg.depth_single_blocks, axes_dim=list(cfg.axes_dim), theta=cfg.theta,
-        patch_size=2, qkv_bias=cfg.qkv_bias, guidance_embed=cfg.guidance_embed,
-        dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    unet_config = flux_unet_config(cfg)
+    unet_config.pop("image_model")
+    comfy_flux = comfy.ldm.flux.model.Flux(**unet_config, dtype=torch.float32, device="cpu",
+                                           operations=comfy.ops.disable_weight_init)
     comfy_flux.load_state_dict(sd, strict=True)
     ours = transformer_from_state_dict(sd)
     return cfg, comfy_flux.eval(), ours
