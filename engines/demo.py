@@ -137,7 +137,6 @@ def run_main_job(out: Path, *, size: int = 384, steps: int = 8, calibration_step
         warnings.filterwarnings("ignore", category=UserWarning, module=r"modelopt\..*")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         import modelopt.torch.quantization  # noqa: F401  (imported here, so that its ~10 s show on this line)
-        from safetensors import safe_open
         from safetensors.torch import save_file
 
         from . import __version__, random_state_dict, tiny_config, transformer_from_state_dict
@@ -152,6 +151,7 @@ def run_main_job(out: Path, *, size: int = 384, steps: int = 8, calibration_step
         from .runtime_tensorrt import choose_backend
         from .runtime_torch import load_fp8_transformer, transformer_bytes
         from .shape_profiles import named_profile
+        from .source_weights import open_checkpoint
         from .tensorrt_build import import_tensorrt
 
         trt = import_tensorrt("tensorrt_rtx")
@@ -184,8 +184,9 @@ def run_main_job(out: Path, *, size: int = 384, steps: int = 8, calibration_step
         say(f"building: calibrate {len(pairs)} pairs x {calibration_steps} steps -> ONNX -> TensorRT-RTX engine ...")
         recipe = load_recipe("fp8", attention=True)
         store = EngineStore(work / "tensorrt")
-        with contextlib.redirect_stdout(io.StringIO()):  # ModelOpt prints its quantizer count
-            result = build_kontext_engine(sd16, recipe, [named_profile("kontext_1ref")], pairs, calibration_steps, store,
+        # ModelOpt prints its quantizer count: not one of the job's lines.
+        with open_checkpoint(checkpoint) as weights, contextlib.redirect_stdout(io.StringIO()):
+            result = build_kontext_engine(weights, recipe, [named_profile("kontext_1ref")], pairs, calibration_steps, store,
                                           calibration_name="default", compute_capability=RTX40, keep_onnx=True,
                                           progress=Ticker(say), trt=trt)
         meta = store.read_metadata(result.engine)
@@ -213,8 +214,8 @@ def run_main_job(out: Path, *, size: int = 384, steps: int = 8, calibration_step
         gpu_name = torch.cuda.get_device_name() if gpu else None
         chosen, why = choose_backend("auto", meta, trt, gpu, gpu_name or "")
         t = time.perf_counter()
-        with safe_open(str(checkpoint), framework="pt") as f:
-            backend = load_fp8_transformer(f.get_tensor, result.calibrated_state, device="cpu", dtype=torch.float32)
+        with open_checkpoint(checkpoint) as weights:
+            backend = load_fp8_transformer(weights, result.calibrated_state, device="cpu", dtype=torch.float32)
         load_s = time.perf_counter() - t
         cos, rel = step_error(reference, backend, held_out)
         fp8_bytes, bf16_bytes = transformer_bytes(backend), sum(v.numel() * 2 for v in sd16.values())
