@@ -169,7 +169,7 @@ def test_bad_inputs_get_clear_node_errors_and_earlier_turns_survive(executor):
 
 
 def test_headless_runner_executes_the_shipped_comparison_workflow_on_the_tiny_model(executor, tmp_path, capsys):
-    """The README's runner: the shipped API workflow through ComfyUI's executor; no weights here, so tiny."""
+    """The headless runner (docs/development.md): the shipped API workflow through ComfyUI's executor; no weights here, so tiny."""
 
     assert run_workflow.main(["--out", str(tmp_path), "--tiny-steps", "2"]) == 0
     text = capsys.readouterr().out
