@@ -15,8 +15,8 @@ from comfyui_browser import comfyui_server, launch_chromium, open_comfyui, requi
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "output" / "browser"
-PACK_NODES = ("KontextTRT_ModelInfo", "KontextTRT_BuildEngine", "KontextTRT_LoadQuantized", "KontextTRT_EditTurn",
-              "KontextTRT_EditHistory")
+PACK_NODES = ("KontextTRT_ModelInfo", "KontextTRT_BuildEngine", "KontextTRT_LoadQuantized",
+              "KontextTRT_ExportCheckpoint", "KontextTRT_EditTurn", "KontextTRT_EditHistory")
 pytestmark = pytest.mark.comfyui
 
 
