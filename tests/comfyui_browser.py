@@ -1,14 +1,13 @@
 """A real ComfyUI server on 127.0.0.1 and headless Chromium for the browser tests, or the reason they skip.
 
-The server is the checkout's main.py run by this Python (so its packages: ComfyUI's requirements with its
-frontend) on the CPU, with a fresh base directory whose custom_nodes link this pack (and any test-only
-packs). COMFYUI_FRONTEND_ROOT, when set, is passed as --front-end-root: the static folder of the frontend
-the checkout pins, for a Python whose installed frontend is another one.
+The server is the checkout's main.py run by this Python with its environment (so its packages: ComfyUI's
+requirements with its frontend and templates; one Python can serve another checkout when that checkout's
+pinned packages come first on PYTHONPATH), on the CPU, with a fresh base directory whose custom_nodes link
+this pack (and any test-only packs).
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -33,8 +32,7 @@ def require_browser_stack() -> Path:
     comfy, why = find_comfyui()
     if comfy is None:
         pytest.skip(why)
-    if not os.environ.get("COMFYUI_FRONTEND_ROOT"):
-        pytest.importorskip("comfyui_frontend_package", reason="ComfyUI's frontend (pip install comfyui-frontend-package)")
+    pytest.importorskip("comfyui_frontend_package", reason="ComfyUI's frontend (pip install comfyui-frontend-package)")
     pytest.importorskip("playwright.sync_api", reason="Playwright (pip install playwright)")
     if not shutil.which("chromium"):
         pytest.skip("no chromium on PATH (apt-get install chromium)")
@@ -62,8 +60,6 @@ def comfyui_server(comfy: Path, base: Path, packs: dict[str, Path]):
     port = _free_port()
     command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--disable-auto-launch"]
-    if os.environ.get("COMFYUI_FRONTEND_ROOT"):
-        command += ["--front-end-root", os.environ["COMFYUI_FRONTEND_ROOT"]]
     log_path = base / "comfyui.log"
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:

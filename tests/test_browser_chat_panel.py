@@ -118,8 +118,8 @@ def test_a_conversation_in_the_panel_is_the_graph(server, tmp_path):
         try:
             served = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
             if pinned and served != pinned:
-                pytest.skip(f"the server runs frontend {served}, the checkout pins {pinned}: set COMFYUI_FRONTEND_ROOT "
-                            "to that frontend's static folder")
+                pytest.skip(f"the server runs frontend {served}, the checkout pins {pinned}: put that "
+                            "comfyui-frontend-package first on PYTHONPATH")
             tag = f"comfyui_frontend_{served}"
             # ComfyUI's own websocket events, counted here: which nodes actually executed.
             page.evaluate("""async () => { const { api } = await import('/scripts/api.js'); window.__kxRuns = [];
