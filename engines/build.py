@@ -67,7 +67,7 @@ class BuildResult:
 
 
 class StageRecorder:
-    """Wall time and peak memory per stage, for the sidecar and the README's table."""
+    """Wall time and peak memory per stage, for the sidecar and docs/building-engines.md's table."""
 
     def __init__(self, cuda: bool):
         self.cuda, self.stages = cuda, {}

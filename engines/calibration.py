@@ -132,19 +132,23 @@ DEFAULT_EDITS = [
 
 def write_default_calibration_set(dest: str | Path, size: int = 1024, seed: int = 0) -> Path:
     """Draw the pack's default calibration set (Pillow shapes: scenes Kontext users edit) into dest."""
-    from PIL import Image, ImageDraw
-
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i, (scene, prompt) in enumerate(DEFAULT_EDITS):
-        img = Image.new("RGB", (size, size))
-        draw = ImageDraw.Draw(img)
-        _draw_scene(draw, scene, size, rng)
         name = f"{i:02d}_{scene}"
-        img.save(dest / f"{name}.png")
+        draw_scene(scene, size, rng).save(dest / f"{name}.png")
         (dest / f"{name}.txt").write_text(prompt + "\n")
     return dest
+
+
+def draw_scene(scene: str, size: int, rng: random.Random):
+    """One scene of the default set (see DEFAULT_EDITS), drawn with Pillow: a size x size RGB image."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size))
+    _draw_scene(ImageDraw.Draw(img), scene, size, rng)
+    return img
 
 
 def _draw_scene(draw, scene: str, s: int, rng: random.Random) -> None:
@@ -225,18 +229,41 @@ class StandInEncoder:
         self.projection = torch.randn(3 * 4, cfg.in_channels, generator=g) / math.sqrt(12)
 
     def __call__(self, pair: CalibrationPair, size: int) -> EncodedPair:
-        import numpy as np
         from PIL import Image
 
+        reference, grid = self.encode_image(Image.open(pair.image), size)
+        txt, y = self.encode_prompt(pair.prompt)
+        return EncodedPair(txt=txt, y=y, reference=reference, reference_grid=grid, name=pair.name)
+
+    def encode_image(self, image, size: int) -> tuple[Tensor, tuple[int, int]]:
+        """A PIL image, resized to size x size pixels' token grid -> tokens [1, rows*cols, in_channels], (rows, cols)."""
+        import numpy as np
+
         rows, cols = tokens_for_pixels(size, size)
-        img = Image.open(pair.image).convert("RGB").resize((cols * 2, rows * 2))
+        img = image.convert("RGB").resize((cols * 2, rows * 2))
         px = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)  # [2r, 2c, 3]
         cells = px.reshape(rows, 2, cols, 2, 3).permute(0, 2, 1, 3, 4).reshape(rows * cols, 12)
-        seed = int.from_bytes(hashlib.sha256(pair.prompt.encode()).digest()[:4], "little")
+        return (cells @ self.projection)[None] * 2.0, (rows, cols)
+
+    def encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor]:
+        """Text states [1, n_txt, context] and pooled vector [1, vec], seeded by a hash of the prompt."""
+        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
         g = torch.Generator().manual_seed(seed)
-        return EncodedPair(txt=torch.randn(1, self.n_txt, self.cfg.context_in_dim, generator=g),
-                           y=torch.randn(1, self.cfg.vec_in_dim, generator=g),
-                           reference=(cells @ self.projection)[None] * 2.0, reference_grid=(rows, cols), name=pair.name)
+        return (torch.randn(1, self.n_txt, self.cfg.context_in_dim, generator=g),
+                torch.randn(1, self.cfg.vec_in_dim, generator=g))
+
+    def decode(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """encode_image's least-squares inverse: tokens [1, rows*cols, in_channels] -> an IMAGE [1, 2*rows,
+        2*cols, 3] in 0..1 (two pixels per token side). Exact on what encode_image made; on anything else,
+        the colours nearest to it in the projection's span. Not a VAE decoder: it lets a run without one
+        show its latents as pictures."""
+        rows, cols = grid
+        if tokens.shape[1:] != (rows * cols, self.cfg.in_channels):
+            raise ValueError(f"tokens: expected [1, {rows * cols}, {self.cfg.in_channels}] for a {rows}x{cols} grid, "
+                             f"got {list(tokens.shape)}")
+        cells = (tokens[0].float().cpu() / 2.0) @ torch.linalg.pinv(self.projection)  # [rows*cols, 12]
+        px = cells.reshape(rows, cols, 2, 2, 3).permute(0, 2, 1, 3, 4).reshape(rows * 2, cols * 2, 3)
+        return ((px + 1) / 2).clamp(0, 1)[None]
 
 
 def calibration_forward_loop(samples: Sequence[EncodedPair], steps: int, guidance: float = 2.5, seed: int = 0,

@@ -5,7 +5,7 @@ input; how to split a batch no profile takes) is plain logic here, tested withou
 that touches TensorRT is kept thin and written to TensorRT's documented Python API (Runtime,
 deserialize_cuda_engine, create_execution_context, set_optimization_profile_async, set_input_shape,
 set_tensor_address, execute_async_v3). NOT RUN ANYWHERE YET: no GPU available to this project runs
-a TensorRT engine (see README).
+a TensorRT engine (docs/building-engines.md).
 """
 from __future__ import annotations
 

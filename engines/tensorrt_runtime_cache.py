@@ -4,7 +4,7 @@ TensorRT-RTX builds an engine ahead of time without the user's GPU and compiles 
 the engine first runs (JIT), again in every new process. Its runtime cache (IRuntimeConfig.create_runtime_cache,
 IRuntimeCache.serialize / deserialize; TensorRT-RTX's "Working with Runtime Cache") keeps the compiled kernels,
 so the next ComfyUI session does not compile them again. Full TensorRT compiles every kernel at build time and
-has no such cache. NOT RUN ANYWHERE YET: no GPU lent to this project runs TensorRT-RTX (see README).
+has no such cache. NOT RUN ANYWHERE YET: no GPU this project has had runs TensorRT-RTX (docs/building-engines.md).
 """
 from __future__ import annotations
 

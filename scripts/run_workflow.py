@@ -105,12 +105,13 @@ def new_executor():
     return execution.PromptExecutor(_Server(), cache_type=False)
 
 
-def execute(executor, prompt: dict):
+def execute(executor, prompt: dict, targets: list[str] | None = None):
     """Validate and run an API-format prompt the way ComfyUI's queue does; raises with ComfyUI's error.
-    Reusing one executor keeps ComfyUI's cache between runs."""
+    Reusing one executor keeps ComfyUI's cache between runs. `targets`: run only these output nodes (and
+    what they need), as ComfyUI's partial execution does for a queued selection."""
     import execution
 
-    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, targets))
     if not valid[0]:
         raise RuntimeError(f"ComfyUI refused the workflow: {valid[1]} {valid[3]}")
     executor.execute(prompt, str(uuid.uuid4()), {}, valid[2])
