@@ -126,6 +126,13 @@ class TensorRTBackend(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.io_dtypes["img"]
 
+    def _stream(self, device: torch.device) -> int:
+        """The stream the engine runs on: ComfyUI's current one on device, so no sync with its other work is needed.
+        (The one thing the CPU tests replace: their stand-in engine reads host memory.)"""
+        if device.type != "cuda":  # TensorRT would read a host address as a device one
+            raise ValueError(f"engine: inputs must be on a CUDA device, got {device}")
+        return torch.cuda.current_stream(device).cuda_stream
+
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                 guidance: Tensor) -> Tensor:
         check_inputs(self.config, img, img_ids, txt, txt_ids, timesteps, y, guidance)
@@ -136,10 +143,8 @@ class TensorRTBackend(nn.Module):
 
     def _run(self, profile: int, inputs: dict[str, Tensor]) -> Tensor:
         img = inputs["img"]
-        if not img.is_cuda:  # TensorRT would read a host address as a device one
-            raise ValueError(f"engine: inputs must be on a CUDA device, got {img.device}")
+        stream = self._stream(img.device)
         self._ensure_loaded()
-        stream = torch.cuda.current_stream(img.device).cuda_stream  # ComfyUI's stream: no sync with other work needed
         if self._profile != profile:
             self._context.set_optimization_profile_async(profile, stream)
             self._profile = profile
