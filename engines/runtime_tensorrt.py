@@ -4,8 +4,9 @@ Everything that decides (does this engine fit this machine; which optimization p
 input; how to split a batch no profile takes) is plain logic here, tested without a GPU. The part
 that touches TensorRT is kept thin and written to TensorRT's documented Python API (Runtime,
 deserialize_cuda_engine, create_execution_context, set_optimization_profile_async, set_input_shape,
-set_tensor_address, execute_async_v3). NOT RUN ANYWHERE YET: no GPU available to this project runs
-a TensorRT engine (see README).
+set_tensor_address, execute_async_v3). NOT RUN ON A GPU YET: no GPU available to this project runs a
+TensorRT engine (see README). On the CPU, its execute path runs end to end against a stand-in engine that
+computes the exported graph with ONNX Runtime (tests/tensorrt_standin.py; docs/tensorrt.md).
 """
 from __future__ import annotations
 
