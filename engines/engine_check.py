@@ -82,12 +82,14 @@ def reference_loader(meta: dict, engine_path: Path, checkpoint: Path, device, dt
     """(a function loading the reference, what it is). Fails here, before the engine runs, on missing files."""
     from safetensors import safe_open
 
+    from .runtime_torch import load_fp8_transformer, runs_recipe
     from .state_dict import checkpoint_prefix, read_checkpoint, transformer_from_state_dict
 
     if not checkpoint.is_file():
-        raise EngineCheckError(f"checkpoint {checkpoint}: no such file (the Kontext checkpoint the engine was built from)")
+        raise EngineCheckError(f"checkpoint {checkpoint}: no such file (the Kontext checkpoint the engine was built "
+                               "from)")
     recipe = engine_recipe(meta)
-    if recipe.gemm != {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}:
+    if not runs_recipe(recipe):
         return (lambda: transformer_from_state_dict(read_checkpoint(checkpoint, dtype, device)).eval(),
                 f"the 16-bit model ({checkpoint.name}: the PyTorch backend runs the fp8 recipe, this engine is "
                 f"{recipe.name})")
@@ -97,8 +99,6 @@ def reference_loader(meta: dict, engine_path: Path, checkpoint: Path, device, dt
                                "scales) is not beside it; rebuild it with Build Engine")
 
     def load():
-        from .runtime_torch import load_fp8_transformer
-
         with safe_open(str(checkpoint), framework="pt") as f:
             prefix = checkpoint_prefix(f.keys())
             return load_fp8_transformer(lambda key: f.get_tensor(prefix + key), state, device=device, dtype=dtype)

@@ -247,6 +247,11 @@ def modulation_linears(model: KontextTransformer) -> list[str]:
             + [f"single_blocks.{i}.modulation.lin" for i in range(len(model.single_blocks))])
 
 
+def runs_recipe(recipe) -> bool:
+    """Whether this backend runs the recipe: per-tensor FP8 GEMMs (the fp8 recipe)."""
+    return recipe.gemm == {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}
+
+
 def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device="cpu",
                          dtype: torch.dtype = torch.bfloat16, fp8_attention: bool = True,
                          fuse_modulation: bool = True, attention_kernel: str = "auto") -> KontextTransformer:
@@ -266,7 +271,7 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
     meta = read_state_metadata(state_path)
     recipe_data = json.loads(meta["recipe"])
     recipe = parse_recipe(recipe_data, source=str(state_path), attention=recipe_data.get("attention") is not None)
-    if recipe.gemm != {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}:
+    if not runs_recipe(recipe):
         raise BackendError(f"{state_path}: the PyTorch backend runs the fp8 recipe; this state is {recipe.name} "
                            f"({recipe.gemm['weights']}): use its TensorRT engine")
     config = KontextConfig.from_dict(json.loads(meta["kontext_config"]))
