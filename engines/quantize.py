@@ -130,8 +130,8 @@ def _odd_nearest(value: float, dtype: torch.dtype) -> float:
     16-bit value's nearest can be 7 * 2^-14) makes 16-bit inputs land exactly halfway between two FP8 values, where
     x / scale and x * (1 / scale), both in use (ONNX's Q/DQ and the backend divide, ModelOpt's fake quantization
     multiplies), round to different neighbours: measured on one such tiny-model layer, 0.4% of its weights. With all
-    significant bits set, x / scale cannot be such a midpoint for FP16 or BF16 x: the product of the scale and a
-    midpoint has more significant bits than x has."""
+    significant bits set, x / scale cannot be such a midpoint (of FP8's normal range) for FP16 or BF16 x: the product
+    of the scale and a midpoint has more significant bits than x has."""
     nearest = torch.tensor(value, dtype=torch.float64).to(dtype)
     bits = nearest.view(torch.int16)
     if int(bits) & 1:

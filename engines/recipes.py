@@ -75,7 +75,8 @@ class Recipe:
         met at full size (README, "Accuracy against BF16"): NVFP4 GEMMs 0.97; FP8 GEMMs 0.995, or 0.99 with
         attention quantized too. Two runtimes of one calibrated recipe that disagree by more than that are not
         both computing it."""
-        formats = set(self.gemm.values()) | {f for _, w, a, _ in self.gemm_overrides for f in (w, a)}
+        formats = (set(self.gemm.values()) | {f for _, w, a, _ in self.gemm_overrides for f in (w, a)}
+                   | {f for _, f, _ in self.weight_only})
         if any(f.startswith("nvfp4") for f in formats):
             return 0.97
         return 0.99 if self.attention else 0.995
