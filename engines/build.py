@@ -19,15 +19,17 @@ from pathlib import Path
 
 import torch
 
-from .calibrated_state import load_calibrated_state, save_calibrated_state
+from .calibrated_state import load_calibrated_state, read_calibrated, save_calibrated_state
+from .comfy_export import write_state_from_checkpoint
 from .calibration import CalibrationCancelled, EncodedPair, calibration_forward_loop
-from .engine_store import EngineRequest, EngineStore, state_dict_fingerprint
+from .engine_store import EngineRequest, EngineStore
 from .offload import blocks_streamed_to, move_quantizer_state
 from .onnx_export import check_export_dependencies, export_onnx
 from .quantize import quantize_transformer
 from .recipes import Recipe
 from .shape_profiles import ShapeProfile
-from .state_dict import transformer_from_state_dict
+from .source_weights import (SourceWeights, dequantize_fp8_weights, dequantized_blocks, from_state_dict,
+                             pin_fp8_weight_amax, transformer_from_source)
 from .tensorrt_build import EngineBuildCancelled, TensorRT, build_engine, import_tensorrt
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -61,7 +63,7 @@ class StageRecorder:
         return out
 
 
-def engine_request(sd: Mapping[str, torch.Tensor], config, recipe: Recipe, profiles: Sequence[ShapeProfile],
+def engine_request(fingerprint: str, config, recipe: Recipe, profiles: Sequence[ShapeProfile],
                    calibration: dict, trt: TensorRT, compute_capability: tuple[int, int] | None) -> EngineRequest:
     from . import __version__
 
@@ -72,28 +74,42 @@ def engine_request(sd: Mapping[str, torch.Tensor], config, recipe: Recipe, profi
         target = f"{torch.cuda.get_device_name()} {major}.{minor}"
     else:
         target = "unknown"
-    return EngineRequest(model_fingerprint=state_dict_fingerprint(sd), model_config=config.to_dict(),
+    return EngineRequest(model_fingerprint=fingerprint, model_config=config.to_dict(),
                          recipe=recipe.to_json(), profiles=tuple(p.to_dict() for p in profiles), calibration=calibration,
                          tensorrt_flavour=trt.flavour, tensorrt_version=trt.version, target=target,
                          pack_version=__version__)
 
 
-def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profiles: Sequence[ShapeProfile],
+def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], recipe: Recipe, profiles: Sequence[ShapeProfile],
                          samples: Sequence[EncodedPair], steps: int, store: EngineStore, *,
                          calibration_name: str = "custom", compute_capability: tuple[int, int] | None = None,
-                         keep_onnx: bool = False, low_vram: bool = False, progress: Progress | None = None,
+                         keep_onnx: bool = False, low_vram: bool = False, device=None, calibrated_from: Path | None = None,
+                         progress: Progress | None = None,
                          should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None) -> BuildResult:
-    """Build (or find) the engine for this model, recipe and profiles. sd: the 16-bit transformer's
-    state dict (ComfyUI's tensors, shared, never modified).
+    """Build (or find) the engine for this model, recipe and profiles. weights: the transformer's weights
+    (SourceWeights, or a state dict: ComfyUI's tensors, shared, never modified), 16-bit or FP8 per-tensor.
+    An FP8 source is calibrated with its blocks dequantized one at a time, and keeps its own FP8 weights
+    and scales in the engine (see source_weights.pin_fp8_weight_amax).
 
     low_vram: sd stays in system memory; calibration streams one block at a time to the GPU and the
-    export runs on the CPU (FP8 max calibration only: it never rewrites weights).
+    export runs on the CPU (FP8 max calibration only: it never rewrites weights). device: where a file's tensors
+    are read to (None: where the weights are, e.g. ComfyUI's tensors on its GPU). calibrated_from: an exported
+    checkpoint (comfy_export.py) whose embedded state is used instead of calibrating; its recipe must be `recipe`.
     """
     recipe.check_exportable()  # before any calibration work
     trt = trt or import_tensorrt()
-    model = transformer_from_state_dict(sd)
+    if not isinstance(weights, SourceWeights):
+        weights = from_state_dict(weights, name=None)  # no file: the sidecar records no source name
+    source = weights.describe()
+    model = transformer_from_source(weights, device=device)
     calibration = {"set": calibration_name, "pairs": len(samples), "steps": steps}
-    request = engine_request(sd, model.config, recipe, profiles, calibration, trt, compute_capability)
+    if calibrated_from is not None:
+        embedded = read_calibrated(calibrated_from)[0]
+        if embedded.to_json() != recipe.to_json():
+            raise ValueError(f"{Path(calibrated_from).name}: calibrated with recipe {embedded.name}"
+                             f"{' and FP8 attention' if embedded.attention else ''}, not the {recipe.name} asked for")
+        calibration = {"set": f"embedded in {Path(calibrated_from).name}", "pairs": 0, "steps": 0}
+    request = engine_request(source["fingerprint"], model.config, recipe, profiles, calibration, trt, compute_capability)
     cached = store.lookup(request)
     state_path = store.root / f"{request.name()}.calibration.safetensors"
     if cached is not None:
@@ -115,6 +131,8 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
         if should_cancel is not None and should_cancel():
             raise EngineBuildCancelled(f"engine build cancelled before {where}")
 
+    if calibrated_from is not None and not state_path.is_file():
+        write_state_from_checkpoint(calibrated_from, state_path)  # resumed from below: no calibration
     calibrate_or_resume(model, recipe, samples, steps, state_path, stages, low_vram=low_vram,
                         progress=report("calibrate"), should_cancel=should_cancel)
     cancel_point("the ONNX export")
@@ -122,6 +140,7 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
     workdir = Path(tempfile.mkdtemp(prefix="kontext_build_", dir=store.root))
     onnx_path = workdir / "kontext.onnx"
     try:
+        dequantize_fp8_weights(model)  # the ONNX holds 16-bit weights behind their Q/DQ, as for a 16-bit source
         export_stage(model, onnx_path, stages)
         del model  # the 16-bit module and its quantizers are not needed by TensorRT's builder
         if cuda:
@@ -132,7 +151,7 @@ def build_kontext_engine(sd: Mapping[str, torch.Tensor], recipe: Recipe, profile
             onnx_path, cfg_from(request), list(profiles), timing_cache=timing_cache,
             compute_capability=compute_capability, progress=report("build_engine"), should_cancel=should_cancel, trt=trt))
         metadata = dict(
-            model_fingerprint=request.model_fingerprint, model_config=request.model_config,
+            model_fingerprint=request.model_fingerprint, source=source, model_config=request.model_config,
             recipe=json.loads(request.recipe), profiles=list(request.profiles), calibration=calibration,
             tensorrt={"flavour": trt.flavour, "version": trt.version}, target=request.target,
             build_gpu=_gpu_description(),
@@ -153,18 +172,21 @@ def calibrate_or_resume(model, recipe: Recipe, samples, steps: int, state_path: 
                         low_vram: bool = False, progress=None, should_cancel=None) -> None:
     """Quantize `model` in place: from the saved calibrated state if there is one, else by calibrating
     (then saving the state, so a later build resumes from it)."""
+    fp8_scales = dict(getattr(model, "fp8_weight_scales", {}))
     if state_path.is_file():
         stages.run("calibrate (resumed from saved state)", lambda: load_calibrated_state(model, state_path))
         return
+    if fp8_scales and (recipe.algorithm["method"] != "max" or recipe.rewrites_weights):
+        dequantize_fp8_weights(model)  # these calibrations rewrite or search over the weights: 16-bit throughout
     loop = calibration_forward_loop(samples, steps, progress=progress, should_cancel=should_cancel)
-    if low_vram:
-        loop = _streamed(loop)
+    loop = _streamed(loop, "cuda" if low_vram else None)
     try:
         stages.run("calibrate", lambda: quantize_transformer(model, recipe, loop))
     except CalibrationCancelled as e:
         raise EngineBuildCancelled(str(e)) from e
     if low_vram:
         move_quantizer_state(model, next(model.parameters()).device)
+    pin_fp8_weight_amax(model, fp8_scales)
     stages.run("save_calibrated_state", lambda: save_calibrated_state(model, recipe, state_path))
 
 
@@ -180,9 +202,15 @@ def _gpu_description() -> dict | None:
     return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
 
 
-def _streamed(loop):
+def _streamed(loop, device):
+    """loop with each block's FP8 weights dequantized only while it runs and, given a device (low_vram), each
+    block's weights on it only then."""
     def streamed_loop(model):
-        with blocks_streamed_to(model, "cuda"):
+        if device is None:
+            with dequantized_blocks(model):
+                loop(model)
+            return
+        with blocks_streamed_to(model, device), dequantized_blocks(model, device):
             loop(model)
     return streamed_loop
 

@@ -1,6 +1,6 @@
 """Engines on disk: `<name>.engine` plus a `<name>.json` sidecar that says everything about it.
 
-The sidecar records the source model's fingerprint and config, the recipe, the shape profiles,
+The sidecar records the source checkpoint (name, format, fingerprint of every weight) and the model config, the recipe, the shape profiles,
 the TensorRT flavour and version, the target GPU, the pack version, the build time and the
 build's stage timings. Both files are written to temporary names and renamed into place, the
 engine first and the sidecar last: the loader accepts an engine only with its sidecar, so a crash
@@ -25,22 +25,6 @@ ENGINE_SUFFIXES = (".engine", ".plan")
 
 class EngineStoreError(ValueError):
     """An engine or sidecar that is missing, incomplete or not this pack's."""
-
-
-def state_dict_fingerprint(sd: Mapping[str, torch.Tensor], samples_per_tensor: int = 64) -> str:
-    """A fingerprint of a model's weights without reading all 24 GB: every key, shape and dtype,
-    and `samples_per_tensor` evenly spaced values of every tensor. Two different checkpoints of one
-    architecture differ in the sampled values; the same weights always give the same fingerprint.
-    """
-    h = hashlib.sha256()
-    for key in sorted(sd):
-        t = sd[key]
-        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}".encode())
-        flat = t.detach().reshape(-1)
-        if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(samples_per_tensor, flat.numel()), device=flat.device).long()
-            h.update(flat[idx].float().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ ops that produce them.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from collections.abc import Callable
 from typing import Optional
@@ -28,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibrated_state import read_state_metadata
-from .config import KontextConfig
+from .calibrated_state import read_calibrated
 from .fp8 import FP8, FP8_MAX, fp8_tensor_cores, quantize_fp8
 from .fp8_attention import FP8Attention
 from .fp8_attention_fa3 import resolve_fa3_library
 from .kernel_ops import custom_op, triton_fp8_kernels_available
-from .recipes import ATTENTION_QUANTIZERS, parse_recipe
+from .recipes import ATTENTION_QUANTIZERS
+from .source_weights import FP8Weight, SourceWeights
 from .transformer import Attention, KontextTransformer, SingleStreamBlock
 
 
@@ -252,31 +251,27 @@ def runs_recipe(recipe) -> bool:
     return recipe.gemm == {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}
 
 
-def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device="cpu",
+def load_fp8_transformer(weights: SourceWeights | Callable[[str], Tensor], state_path, device="cpu",
                          dtype: torch.dtype = torch.bfloat16, fp8_attention: bool = True,
                          fuse_modulation: bool = True, attention_kernel: str = "auto") -> KontextTransformer:
     """A KontextTransformer whose quantized Linears are FP8Linear, from a checkpoint and a calibrated state.
 
-    get_tensor(name) returns the checkpoint's tensor for a BFL key (e.g. a safetensors safe_open
-    handle's get_tensor), so tensors are read one at a time. Attention is FP8Attention when the state
+    weights: the checkpoint's SourceWeights (source_weights.open_checkpoint), or get_tensor(name) returning a
+    16-bit tensor for a BFL key; tensors are read one at a time. An FP8 per-tensor layer of the source (an
+    fp8_scaled or comfy_quant file) is taken as it is, with its own scale: calibration pinned the weight scale to
+    it, and a state whose weight scale differs was calibrated from other weights and is refused. Attention is FP8Attention when the state
     was calibrated with attention quantization, unless fp8_attention=False (16-bit SDPA, for comparison).
     attention_kernel ("auto", "triton", "flashattention3") picks its kernel on a CUDA GPU
     (`fp8_attention_fa3.resolve_fa3_library`: auto takes FlashAttention-3 where it is built and the GPU is Hopper).
     When the recipe makes every modulation Linear weight-only FP8 (the fp8 recipe does), they become
     one FusedModulation, unless fuse_modulation=False.
     """
-    from safetensors import safe_open
-
     fa3_library = resolve_fa3_library(attention_kernel, torch.device(device))  # a bad choice fails before any load
-    meta = read_state_metadata(state_path)
-    recipe_data = json.loads(meta["recipe"])
-    recipe = parse_recipe(recipe_data, source=str(state_path), attention=recipe_data.get("attention") is not None)
+    get_tensor = weights.get if isinstance(weights, SourceWeights) else weights
+    recipe, config, amax = read_calibrated(state_path)  # a state file, or an exported checkpoint's header
     if not runs_recipe(recipe):
         raise BackendError(f"{state_path}: the PyTorch backend runs the fp8 recipe; this state is {recipe.name} "
                            f"({recipe.gemm['weights']}): use its TensorRT engine")
-    config = KontextConfig.from_dict(json.loads(meta["kontext_config"]))
-    with safe_open(str(state_path), framework="pt") as f:
-        amax = {k: f.get_tensor(k) for k in f.keys() if k.endswith("._amax")}
 
     with torch.device("meta"):
         model = KontextTransformer(config, dtype=dtype)
@@ -293,14 +288,15 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
         if not isinstance(module, nn.Linear):
             continue
         weight = get_tensor(f"{name}.weight")
-        if tuple(weight.shape) != (module.out_features, module.in_features):
-            raise BackendError(f"checkpoint: {name}.weight has shape {tuple(weight.shape)}, but the calibrated state "
+        shape = tuple((weight.data if isinstance(weight, FP8Weight) else weight).shape)
+        if shape != (module.out_features, module.in_features):
+            raise BackendError(f"checkpoint: {name}.weight has shape {shape}, but the calibrated state "
                                f"{state_path} was made for a model with ({module.out_features}, {module.in_features})")
-        weight = weight.to(device)
         bias = get_tensor(f"{name}.bias").to(device, dtype) if module.bias is not None else None
         if any(fnmatch.fnmatchcase(name, p) for p in keep):
+            weight = weight.dequantize(dtype, device) if isinstance(weight, FP8Weight) else weight.to(device, dtype)
             replacement = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
-            replacement.load_state_dict({"weight": weight.to(dtype), **({"bias": bias} if bias is not None else {})},
+            replacement.load_state_dict({"weight": weight, **({"bias": bias} if bias is not None else {})},
                                         assign=True)
         else:
             w_amax = amax.get(f"{name}.weight_quantizer._amax")
@@ -308,7 +304,16 @@ def load_fp8_transformer(get_tensor: Callable[[str], Tensor], state_path, device
                 raise BackendError(f"{state_path}: no calibrated weight scale for {name}")
             i_amax = amax.get(f"{name}.input_quantizer._amax")
             w_scale = w_amax.to(device).float() / FP8_MAX
-            weight_fp8 = quantize_fp8(weight, w_scale)
+            if isinstance(weight, FP8Weight):
+                source_scale = weight.scale.to(device).float()
+                if not torch.allclose(w_scale, source_scale, rtol=1e-6, atol=0):
+                    raise BackendError(
+                        f"{state_path}: {name}'s calibrated weight scale {w_scale.item():.6g} is not the checkpoint's "
+                        f"FP8 scale {source_scale.item():.6g}: the state was calibrated from other weights than "
+                        f"{getattr(weights, 'name', 'this checkpoint')}")
+                weight_fp8, w_scale = weight.data.to(device), source_scale
+            else:
+                weight_fp8 = quantize_fp8(weight.to(device), w_scale)
             if fuse_modulation and name in fused_rows:
                 weight_fp8 = fused_rows[name].copy_(weight_fp8)
             replacement = FP8Linear(weight_fp8, w_scale, bias,

@@ -1,3 +1,4 @@
+import logging
 import tempfile
 from pathlib import Path
 
@@ -6,19 +7,22 @@ from comfy_api.latest import io
 
 import comfy.model_management
 import comfy.utils
+import folder_paths
 
 from ..engines.build import build_kontext_engine
 from ..engines.calibration import read_calibration_set, write_default_calibration_set
 from ..engines.gpu_support import check_build_target
 from ..engines.recipes import available_recipes, load_recipe
 from ..engines.shape_profiles import NAMED_PROFILES, custom_profile, named_profile
-from ..engines.state_dict import config_from_state_dict, strip_prefix
+from ..engines import NotKontextError
+from ..engines.calibrated_state import read_calibrated
+from ..engines.comfy_export import is_exported_checkpoint
+from ..engines.source_weights import from_state_dict, open_checkpoint
+from ..engines.state_dict import config_from_state_dict
 from ..engines.tensorrt_build import EngineBuildCancelled, import_tensorrt
 from .calibration_encoding import encode_pair
-from .comfy_model import diffusion_model_state_dict
+from .comfy_model import diffusion_model_state_dict, model_source_file
 from .folders import engine_store
-
-SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 def gpu_compute_capability():
@@ -36,7 +40,8 @@ class KontextBuildEngine(io.ComfyNode):
                         "TensorRT engine into models/tensorrt. An identical request returns the engine it built before.",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="FLUX.1 Kontext [dev] as Load Diffusion Model gives it, weight dtype default (16-bit)."),
+                io.Model.Input("model", tooltip="FLUX.1 Kontext [dev] as Load Diffusion Model gives it (weight dtype default): "
+                                                "BFL's 16-bit file, or ComfyUI's fp8_scaled / float8_e4m3fn comfy_quant file."),
                 io.Clip.Input("clip", tooltip="FLUX text encoders (CLIP-L + T5-XXL): encode the calibration prompts."),
                 io.Vae.Input("vae", tooltip="FLUX VAE: encodes the calibration images into reference latents."),
                 io.Combo.Input("recipe", options=available_recipes(), default="fp8",
@@ -61,6 +66,11 @@ class KontextBuildEngine(io.ComfyNode):
                                          "memory, calibration streams one block at a time to the GPU, export runs on "
                                          "the CPU. fp8 recipe only."),
                 io.Boolean.Input("keep_onnx", default=False, tooltip="Keep the exported ONNX beside the engine."),
+                io.Combo.Input("checkpoint", options=["auto", *folder_paths.get_filename_list("diffusion_models")],
+                               default="auto", optional=True,
+                               tooltip="The file in models/diffusion_models the MODEL was loaded from, recorded in the "
+                                       "engine so Load Quantized Model finds it. auto: the file whose weights are the "
+                                       "MODEL's. A file whose weights differ is refused."),
             ],
             outputs=[io.String.Output("engine_name", tooltip="File name in models/tensorrt, for the loader."),
                      io.String.Output("calibrated_state", tooltip="Saved calibration (safetensors): resumes or re-exports.")],
@@ -68,13 +78,10 @@ class KontextBuildEngine(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, recipe, quantize_attention, profile, custom_min_side, custom_max_side,
-                calibration_set, steps_per_sample, max_samples, keep_onnx, low_vram=False) -> io.NodeOutput:
-        sd = strip_prefix(diffusion_model_state_dict(model))
-        config_from_state_dict(sd)  # refuses anything that is not a Flux / Kontext transformer
-        dtypes = {t.dtype for t in sd.values()}
-        if not dtypes <= set(SIXTEEN_BIT):
-            raise ValueError(f"model: expected 16-bit weights (bf16 / fp16) to calibrate from, got {sorted(map(str, dtypes))}; "
-                             "load it with weight_dtype 'default'")
+                calibration_set, steps_per_sample, max_samples, keep_onnx, low_vram=False,
+                checkpoint="auto") -> io.NodeOutput:
+        weights = from_state_dict(diffusion_model_state_dict(model))  # refuses formats the pack cannot read
+        config_from_state_dict({k: torch.empty(s, device="meta") for k, s in weights.shapes().items()})
         trt = import_tensorrt()  # says up front when no TensorRT is installed
         chosen = load_recipe(recipe, attention=quantize_attention)
         chosen.check_exportable()
@@ -82,30 +89,56 @@ class KontextBuildEngine(io.ComfyNode):
         check_build_target(chosen, trt.flavour, cc)
         shapes = custom_profile(custom_min_side, custom_max_side) if profile == "custom" else named_profile(profile)
 
-        source = calibration_set.strip()
-        if not source:
-            source = write_default_calibration_set(Path(tempfile.mkdtemp(prefix="kontext_calib_")))
-        pairs = read_calibration_set(source)[:max_samples]
-        samples = [encode_pair(pair, clip, vae, model) for pair in pairs]
+        source_file = model_source_file(weights, checkpoint)  # before the calibration's encoding work
+        if weights.fp8_layers and source_file is None:
+            raise NotKontextError(f"model: its weights are FP8 ({weights.format}) and no file in models/diffusion_models "
+                                  "holds them; an FP8 model is built from the file Load Diffusion Model loaded: put it "
+                                  "there, or pick it as checkpoint")
+        path = folder_paths.get_full_path_or_raise("diffusion_models", source_file) if source_file else None
+        embedded = None  # a checkpoint written by Export ComfyUI Checkpoint for this recipe: no calibration
+        if path and is_exported_checkpoint(path):
+            if read_calibrated(path)[0].to_json() == chosen.to_json():
+                embedded = path
+            else:
+                logging.info("Kontext TRT: %s was calibrated for another recipe than %s: calibrating again",
+                             source_file, chosen.name)
+        samples = []
+        if embedded is None:
+            source = calibration_set.strip()
+            if not source:
+                source = write_default_calibration_set(Path(tempfile.mkdtemp(prefix="kontext_calib_")))
+            pairs = read_calibration_set(source)[:max_samples]
+            samples = [encode_pair(pair, clip, vae, model) for pair in pairs]
 
-        if low_vram:
-            comfy.model_management.unload_all_models()  # the weights go back to system memory
-        else:
-            comfy.model_management.load_models_gpu([model], force_full_load=True)
-        sd = strip_prefix(diffusion_model_state_dict(model))
         bars = {}
 
         def progress(stage, done, total):
             bar = bars.setdefault(stage, comfy.utils.ProgressBar(total))
             bar.update_absolute(done, total)
 
+        def build(weights, device=None, calibrated_from=None):
+            return build_kontext_engine(weights, chosen, [shapes], samples, steps_per_sample, engine_store(),
+                                        calibration_name=str(calibration_set.strip() or "default"), keep_onnx=keep_onnx,
+                                        low_vram=low_vram, device=device, calibrated_from=calibrated_from,
+                                        compute_capability=cc if trt.flavour == "tensorrt_rtx" else None,
+                                        progress=progress, should_cancel=comfy.model_management.processing_interrupted,
+                                        trt=trt)
+
         try:
-            result = build_kontext_engine(sd, chosen, [shapes], samples, steps_per_sample, engine_store(),
-                                          calibration_name=str(calibration_set.strip() or "default"), keep_onnx=keep_onnx,
-                                          low_vram=low_vram,
-                                          compute_capability=cc if trt.flavour == "tensorrt_rtx" else None,
-                                          progress=progress, should_cancel=comfy.model_management.processing_interrupted,
-                                          trt=trt)
+            if weights.fp8_layers:
+                # An FP8 MODEL is built from its file, read one tensor at a time: the engine then holds exactly the
+                # file's weights (ComfyUI 0.3.64 holds such a model's biases rounded to FP8), and ComfyUI's copy is
+                # let go first so the weights are on the GPU once.
+                comfy.model_management.unload_all_models()
+                device = "cpu" if low_vram else comfy.model_management.get_torch_device()
+                with open_checkpoint(path) as weights:
+                    result = build(weights, device, calibrated_from=embedded)
+            else:
+                if low_vram:
+                    comfy.model_management.unload_all_models()  # the weights go back to system memory
+                else:
+                    comfy.model_management.load_models_gpu([model], force_full_load=True)
+                result = build(from_state_dict(diffusion_model_state_dict(model), name=source_file))
         except EngineBuildCancelled:
             raise comfy.model_management.InterruptProcessingException()
         return io.NodeOutput(result.engine.name, str(result.calibrated_state or ""))

@@ -12,12 +12,16 @@ from ..engines.cuda_graph_step import CUDAGraphedTransformer
 from ..engines.fp8_attention_fa3 import ATTENTION_KERNELS
 from ..engines.runtime_tensorrt import TensorRTBackend, choose_backend, engine_device_bytes
 from ..engines.runtime_torch import compile_blocks, load_fp8_transformer, transformer_bytes
-from ..engines.state_dict import checkpoint_prefix
+from ..engines.calibrated_state import read_calibrated
+from ..engines.comfy_export import is_exported_checkpoint
+from ..engines.source_weights import file_fingerprint, open_checkpoint
 from ..engines.tensorrt_build import TensorRTMissing, import_tensorrt
 from .backend_model import backend_model
 from .folders import FOLDER, engine_store
 
 STATE_SUFFIX = ".calibration.safetensors"
+FROM_ENGINE = "(engine's source)"
+CHECKPOINT_ALONE = "(none: an exported checkpoint alone)"
 
 
 class KontextLoadQuantized(io.ComfyNode):
@@ -31,14 +35,17 @@ class KontextLoadQuantized(io.ComfyNode):
                         "and ReferenceLatent: the TensorRT engine, or the same calibrated FP8 model run by PyTorch. "
                         "Refuses LoRA, ControlNet and block patches.",
             inputs=[
-                io.Combo.Input("engine", options=folder_paths.get_filename_list(FOLDER),
-                               tooltip="An engine in models/tensorrt with its .json sidecar."),
+                io.Combo.Input("engine", options=[*folder_paths.get_filename_list(FOLDER), CHECKPOINT_ALONE],
+                               tooltip="An engine in models/tensorrt with its .json sidecar; or none, to run a checkpoint "
+                                       "written by Export ComfyUI Checkpoint alone (PyTorch backend)."),
                 io.Combo.Input("backend", options=["auto", "tensorrt", "pytorch"], default="auto",
                                tooltip="auto: the TensorRT engine when it can run on this GPU and TensorRT, else "
                                        "PyTorch (the log says why). pytorch: FP8 GEMMs on compute capability >= 8.9."),
-                io.Combo.Input("checkpoint", options=folder_paths.get_filename_list("diffusion_models"),
-                               tooltip="PyTorch backend only: the Kontext checkpoint the engine was built from; read "
-                                       "one tensor at a time, never held in 16-bit."),
+                io.Combo.Input("checkpoint", options=[FROM_ENGINE, *folder_paths.get_filename_list("diffusion_models")],
+                               default=FROM_ENGINE,
+                               tooltip="PyTorch backend only: the Kontext checkpoint the engine was built from (16-bit, "
+                                       "fp8_scaled or comfy_quant FP8); by default the one its build recorded. Read one "
+                                       "tensor at a time; a file whose weights are not the engine's is refused."),
                 io.Boolean.Input("compile", default=True,
                                  tooltip="PyTorch backend on an NVIDIA GPU: torch.compile each transformer block (fuses "
                                          "the norms, RoPE, modulation and FP8 quantization; about 2x faster steps). The "
@@ -60,6 +67,8 @@ class KontextLoadQuantized(io.ComfyNode):
     @classmethod
     def execute(cls, engine, backend, checkpoint, compile=True, cuda_graph=True,
                 attention_kernel="auto") -> io.NodeOutput:
+        if engine == CHECKPOINT_ALONE:
+            return io.NodeOutput(cls.checkpoint_alone(backend, checkpoint, compile, cuda_graph, attention_kernel))
         path = Path(folder_paths.get_full_path_or_raise(FOLDER, engine))
         meta = engine_store().read_metadata(path)
         try:
@@ -76,17 +85,36 @@ class KontextLoadQuantized(io.ComfyNode):
             runner = TensorRTBackend(path, meta, trt, config)
             return io.NodeOutput(backend_model(runner, config, engine_device_bytes(path), runner.dtype, device, offload))
 
-        from safetensors import safe_open
-
         state = path.with_name(path.stem + STATE_SUFFIX)
         if not state.is_file():
             raise FileNotFoundError(f"engine {engine}: its calibrated state {state.name} (needed by the PyTorch backend) "
                                     "is missing; rebuild with Build Engine")
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        with safe_open(folder_paths.get_full_path_or_raise("diffusion_models", checkpoint), framework="pt") as f:
-            prefix = checkpoint_prefix(f.keys())
-            runner = load_fp8_transformer(lambda key: f.get_tensor(prefix + key), state, device=device, dtype=dtype,
-                                          attention_kernel=attention_kernel)
+        return io.NodeOutput(pytorch_model(engine_checkpoint(engine, meta, checkpoint), state, config, compile, cuda_graph,
+                                           attention_kernel))
+
+    @classmethod
+    def checkpoint_alone(cls, backend, checkpoint, compile, cuda_graph, attention_kernel):
+        if backend == "tensorrt":
+            raise ValueError("backend tensorrt: an exported checkpoint alone runs on the PyTorch backend; pick an engine "
+                             "for TensorRT")
+        if checkpoint == FROM_ENGINE:
+            raise ValueError("checkpoint: with no engine, pick the exported checkpoint to run")
+        path = folder_paths.get_full_path_or_raise("diffusion_models", checkpoint)
+        if not is_exported_checkpoint(path):
+            raise ValueError(f"checkpoint {checkpoint}: not written by Export ComfyUI Checkpoint (it has no calibrated "
+                             "state in it); pick an engine built from it, or load it with Load Diffusion Model")
+        _, config, _ = read_calibrated(path)
+        return pytorch_model(path, path, config, compile, cuda_graph, attention_kernel)
+
+
+def pytorch_model(checkpoint_path, state, config, compile, cuda_graph, attention_kernel):
+    """The PyTorch backend's MODEL: the checkpoint's weights with the calibrated state (a file, or the checkpoint's own
+    header)."""
+    device = comfy.model_management.get_torch_device()
+    offload = comfy.model_management.unet_offload_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with open_checkpoint(checkpoint_path) as weights:
+        runner = load_fp8_transformer(weights, state, device=device, dtype=dtype, attention_kernel=attention_kernel)
         if compile and device.type == "cuda":
             compile_blocks(runner)
         elif compile:
@@ -96,4 +124,26 @@ class KontextLoadQuantized(io.ComfyNode):
         elif cuda_graph:
             logging.warning("Kontext TRT: cuda_graph is on, but %s is not a CUDA device: steps run without CUDA graphs",
                             device)
-        return io.NodeOutput(backend_model(runner, config, transformer_bytes(runner), dtype, device, offload))
+        return backend_model(runner, config, transformer_bytes(runner), dtype, device, offload)
+
+
+def engine_checkpoint(engine: str, meta: dict, checkpoint: str) -> str:
+    """The path of the checkpoint the PyTorch backend reads: the one the build recorded, or the one picked, and only
+    if its weights are those the engine was calibrated from (its fingerprint)."""
+    source = meta.get("source") or {}
+    name = source.get("name") if checkpoint == FROM_ENGINE else checkpoint
+    if not name:
+        raise ValueError(f"engine {engine}: its sidecar records no source checkpoint (built from a MODEL that no file in "
+                         "models/diffusion_models held, or by an older version of the pack): pick the checkpoint with "
+                         "its weights, or rebuild it")
+    path = folder_paths.get_full_path("diffusion_models", name)
+    if path is None:
+        raise FileNotFoundError(f"engine {engine} was built from {name}, which is not in models/diffusion_models: put it "
+                                "there, or pick the checkpoint it was built from")
+    got = file_fingerprint(path)
+    if got != meta["model_fingerprint"]:
+        raise ValueError(f"checkpoint {name}: its weights are not those engine {engine} was calibrated from "
+                         f"({source.get('name') or 'its source'}, {source.get('format', '?')}); fingerprints "
+                         f"{got[:12]} and {meta['model_fingerprint'][:12]}. Pick {source.get('name') or 'that file'}, "
+                         "or build an engine from this checkpoint")
+    return path

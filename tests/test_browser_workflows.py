@@ -20,8 +20,8 @@ from comfyui_checkout import find_comfyui
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "output" / "browser"
-PACK_NODES = ("KontextTRT_ModelInfo", "KontextTRT_BuildEngine", "KontextTRT_LoadQuantized", "KontextTRT_EditTurn",
-              "KontextTRT_EditHistory")
+PACK_NODES = ("KontextTRT_ModelInfo", "KontextTRT_BuildEngine", "KontextTRT_LoadQuantized",
+              "KontextTRT_ExportCheckpoint", "KontextTRT_EditTurn", "KontextTRT_EditHistory")
 pytestmark = pytest.mark.comfyui
 
 
