@@ -79,29 +79,39 @@ def compare(engine: torch.nn.Module, load_reference: Callable[[], torch.nn.Modul
 
 def reference_loader(meta: dict, engine_path: Path, checkpoint: Path, device, dtype: torch.dtype
                      ) -> tuple[Callable[[], torch.nn.Module], str]:
-    """(a function loading the reference, what it is). Fails here, before the engine runs, on missing files."""
-    from safetensors import safe_open
-
+    """(a function loading the reference, what it is). Fails here, before the engine runs: on a missing file, and
+    on a checkpoint whose weights are not the ones the engine was built from (the comparison would say nothing)."""
     from .runtime_torch import load_fp8_transformer, runs_recipe
-    from .state_dict import checkpoint_prefix, read_checkpoint, transformer_from_state_dict
+    from .source_weights import dequantize_fp8_weights, file_fingerprint, open_checkpoint, transformer_from_source
 
     if not checkpoint.is_file():
         raise EngineCheckError(f"checkpoint {checkpoint}: no such file (the Kontext checkpoint the engine was built "
                                "from)")
+    built_from = meta.get("source", {}).get("name") or "its source"
+    if "model_fingerprint" not in meta:
+        raise EngineCheckError(f"engine {engine_path.name}: its sidecar records no fingerprint of the weights it was "
+                               "built from (an older version of the pack built it): rebuild it")
+    if file_fingerprint(checkpoint) != meta["model_fingerprint"]:
+        raise EngineCheckError(f"checkpoint {checkpoint.name}: its weights are not those engine {engine_path.name} was "
+                               f"built from ({built_from}); pass that checkpoint")
     recipe = engine_recipe(meta)
     if not runs_recipe(recipe):
-        return (lambda: transformer_from_state_dict(read_checkpoint(checkpoint, dtype, device)).eval(),
-                f"the 16-bit model ({checkpoint.name}: the PyTorch backend runs the fp8 recipe, this engine is "
-                f"{recipe.name})")
+        def load_16bit():
+            with open_checkpoint(checkpoint) as weights:
+                model = transformer_from_source(weights, dtype=dtype, device=device)
+                dequantize_fp8_weights(model)
+                return model.eval()
+
+        return load_16bit, (f"the 16-bit model ({checkpoint.name}: the PyTorch backend runs the fp8 recipe, this "
+                            f"engine is {recipe.name})")
     state = engine_path.with_name(engine_path.stem + STATE_SUFFIX)
     if not state.is_file():
         raise EngineCheckError(f"engine {engine_path.name}: its calibrated state {state.name} (the PyTorch backend's "
                                "scales) is not beside it; rebuild it with Build Engine")
 
     def load():
-        with safe_open(str(checkpoint), framework="pt") as f:
-            prefix = checkpoint_prefix(f.keys())
-            return load_fp8_transformer(lambda key: f.get_tensor(prefix + key), state, device=device, dtype=dtype)
+        with open_checkpoint(checkpoint) as weights:
+            return load_fp8_transformer(weights, state, device=device, dtype=dtype)
 
     return load, f"the PyTorch backend ({checkpoint.name} + {state.name})"
 

@@ -171,19 +171,26 @@ def standin_tensorrt(profiles: list[ShapeProfile], config) -> TensorRT:
 
 
 def save_standin_engine(onnx_path: Path, store_root: Path, profiles: list[ShapeProfile], config, recipe,
-                        state: Path | None = None) -> tuple[Path, dict]:
+                        state: Path | None = None, checkpoint: Path | None = None) -> tuple[Path, dict]:
     """An engine file (the exported ONNX) and its sidecar as the build writes them, into an EngineStore folder
-    (and the calibrated state beside it, named as the build names it); returns (engine path, sidecar)."""
+    (and the calibrated state beside it, named as the build names it; the sidecar names `checkpoint` as the source
+    it was built from, with its fingerprint, as a build from that file does); returns (engine path, sidecar)."""
     from engines.engine_store import EngineRequest, EngineStore
+    from engines.source_weights import open_checkpoint
 
     proto = onnx.load(str(onnx_path))
     data = onnx_path.read_bytes()
-    request = EngineRequest(model_fingerprint=hashlib.sha256(data).hexdigest(), model_config=config.to_dict(),
+    source = {"name": None, "fingerprint": hashlib.sha256(data).hexdigest()}
+    if checkpoint is not None:
+        with open_checkpoint(checkpoint) as weights:
+            source = weights.describe()
+    request = EngineRequest(model_fingerprint=source["fingerprint"], model_config=config.to_dict(),
                             recipe=recipe.to_json(), profiles=tuple(p.to_dict() for p in profiles),
                             calibration={"set": "tiny", "pairs": 3, "steps": 2}, tensorrt_flavour="tensorrt",
                             tensorrt_version=STANDIN_VERSION, target="stand-in", pack_version="test")
     io = {name: {"dtype": dtype, "shape": list(io_shapes(proto)[name])} for name, dtype in io_dtype_names(proto).items()}
-    metadata = dict(model_config=config.to_dict(), recipe=json.loads(recipe.to_json()),
+    metadata = dict(model_fingerprint=source["fingerprint"], source=source, model_config=config.to_dict(),
+                    recipe=json.loads(recipe.to_json()),
                     profiles=[p.to_dict() for p in profiles], tensorrt={"flavour": "tensorrt", "version": STANDIN_VERSION},
                     target="stand-in", io=io)
     store = EngineStore(store_root)

@@ -41,10 +41,11 @@ def models(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("comfyui_standin")
     nodes = load_pack_into_comfyui(tmp_path_factory.mktemp("custom_nodes"))
     profiles = [custom_profile(64, 128)]  # 128x128 target + reference: 128 image tokens; batch 1..2
-    engine, meta = save_standin_engine(export.onnx_path, tmp / "tensorrt", profiles, CFG, export.recipe, export.state)
     (tmp / "diffusion_models").mkdir()
-    save_file({"model.diffusion_model." + k: v for k, v in export.sd.items()},
-              str(tmp / "diffusion_models" / "tiny_kontext.safetensors"))
+    checkpoint = tmp / "diffusion_models" / "tiny_kontext.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in export.sd.items()}, str(checkpoint))
+    engine, meta = save_standin_engine(export.onnx_path, tmp / "tensorrt", profiles, CFG, export.recipe, export.state,
+                                       checkpoint)
     saved = {k: folder_paths.folder_names_and_paths.get(k) for k in ("tensorrt", "diffusion_models")}
     folder_paths.folder_names_and_paths["tensorrt"] = ([str(tmp / "tensorrt")], {".engine", ".plan"})
     folder_paths.folder_names_and_paths["diffusion_models"] = ([str(tmp / "diffusion_models")], {".safetensors"})
