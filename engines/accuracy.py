@@ -39,14 +39,17 @@ def edit_step_inputs(pair: EncodedPair, sigma: float, seed: int, guidance: float
 
 
 @torch.no_grad()
-def step_outputs(model, pairs: Sequence[EncodedPair], sigmas: Sequence[float], seed: int = 1234) -> dict:
-    """{(pair index, sigma): target-token output in float32 on the CPU}."""
-    param = next(model.parameters())
+def step_outputs(model, pairs: Sequence[EncodedPair], sigmas: Sequence[float], seed: int = 1234, device=None,
+                 dtype: torch.dtype | None = None) -> dict:
+    """{(pair index, sigma): target-token output in float32 on the CPU}. device and dtype: where and in what the
+    inputs are made (default: the model's parameters' device and the model's dtype; a TensorRT backend has none)."""
+    if device is None:
+        device = next(model.parameters()).device
     out = {}
     for i, pair in enumerate(pairs):
         n_target = pair.reference.shape[1]
         for s in sigmas:
-            x = edit_step_inputs(pair, s, seed + i, device=param.device, dtype=model.dtype)
+            x = edit_step_inputs(pair, s, seed + i, device=device, dtype=dtype or model.dtype)
             out[(i, s)] = model(**x)[:, :n_target].float().cpu()
     return out
 

@@ -74,6 +74,18 @@ class Recipe:
         return any("block_sizes" in FORMATS[f] for f in weights)
 
     @property
+    def min_cosine(self) -> float:
+        """The recipe's tolerance: the output cosine against the 16-bit model it is held to (worst pair, any sigma),
+        met at full size (README, "Accuracy against BF16"): NVFP4 GEMMs 0.97; FP8 GEMMs 0.995, or 0.99 with
+        attention quantized too. Two runtimes of one calibrated recipe that disagree by more than that are not
+        both computing it."""
+        formats = (set(self.gemm.values()) | {f for _, w, a, _ in self.gemm_overrides for f in (w, a)}
+                   | {f for _, f, _ in self.weight_only})
+        if any(f.startswith("nvfp4") for f in formats):
+            return 0.97
+        return 0.99 if self.attention else 0.995
+
+    @property
     def rewrites_weights(self) -> bool:
         """SVDQuant subtracts the low-rank branch and AWQ-smooths the weights in place."""
         return self.algorithm["method"] == "svdquant"

@@ -4,8 +4,9 @@ Everything that decides (does this engine fit this machine; which optimization p
 input; how to split a batch no profile takes) is plain logic here, tested without a GPU. The part
 that touches TensorRT is kept thin and written to TensorRT's documented Python API (Runtime,
 deserialize_cuda_engine, create_execution_context, set_optimization_profile_async, set_input_shape,
-set_tensor_address, execute_async_v3). NOT RUN ANYWHERE YET: no GPU available to this project runs
-a TensorRT engine (docs/building-engines.md).
+set_tensor_address, execute_async_v3). NOT RUN ON A GPU YET: no GPU available to this project runs a
+TensorRT engine (docs/building-engines.md). On the CPU, its execute path runs end to end against a stand-in
+engine that computes the exported graph with ONNX Runtime (tests/tensorrt_standin.py; docs/tensorrt.md).
 """
 from __future__ import annotations
 
@@ -131,6 +132,13 @@ class TensorRTBackend(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.io_dtypes["img"]
 
+    def _stream(self, device: torch.device) -> int:
+        """The stream the engine runs on: ComfyUI's current one on device, so no sync with its other work is needed.
+        (The one thing the CPU tests replace: their stand-in engine reads host memory.)"""
+        if device.type != "cuda":  # TensorRT would read a host address as a device one
+            raise ValueError(f"engine: inputs must be on a CUDA device, got {device}")
+        return torch.cuda.current_stream(device).cuda_stream
+
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                 guidance: Tensor) -> Tensor:
         check_inputs(self.config, img, img_ids, txt, txt_ids, timesteps, y, guidance)
@@ -141,10 +149,8 @@ class TensorRTBackend(nn.Module):
 
     def _run(self, profile: int, inputs: dict[str, Tensor]) -> Tensor:
         img = inputs["img"]
-        if not img.is_cuda:  # TensorRT would read a host address as a device one
-            raise ValueError(f"engine: inputs must be on a CUDA device, got {img.device}")
+        stream = self._stream(img.device)
         self._ensure_loaded()
-        stream = torch.cuda.current_stream(img.device).cuda_stream  # ComfyUI's stream: no sync with other work needed
         if self._profile != profile:
             self._context.set_optimization_profile_async(profile, stream)
             self._profile = profile

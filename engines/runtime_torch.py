@@ -246,6 +246,11 @@ def modulation_linears(model: KontextTransformer) -> list[str]:
             + [f"single_blocks.{i}.modulation.lin" for i in range(len(model.single_blocks))])
 
 
+def runs_recipe(recipe) -> bool:
+    """Whether this backend runs the recipe: per-tensor FP8 GEMMs (the fp8 recipe)."""
+    return recipe.gemm == {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}
+
+
 def load_fp8_transformer(weights: SourceWeights | Callable[[str], Tensor], state_path, device="cpu",
                          dtype: torch.dtype = torch.bfloat16, fp8_attention: bool = True,
                          fuse_modulation: bool = True, attention_kernel: str = "auto") -> KontextTransformer:
@@ -266,7 +271,7 @@ def load_fp8_transformer(weights: SourceWeights | Callable[[str], Tensor], state
     # amax would otherwise run that layer with 16-bit activations, a NaN one give NaN images.
     state = check_calibrated_state(state_path)  # a state file, or an exported checkpoint's header
     recipe, config, amax = state.recipe, state.config, state.amax
-    if recipe.gemm != {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}:
+    if not runs_recipe(recipe):
         raise BackendError(f"{state_path}: the PyTorch backend runs the fp8 recipe; this state is {recipe.name} "
                            f"({recipe.gemm['weights']}): use its TensorRT engine")
     get_tensor = _named_reads(weights.get if isinstance(weights, SourceWeights) else weights)

@@ -22,3 +22,35 @@ except ImportError:
 
 # The fault-injection tests' fixtures (session-scoped real builds shared by several files).
 pytest_plugins = ["reliability_fixtures"]
+
+
+# The tiny model calibrated (fp8 recipe, attention included) and exported in a 16-bit dtype, once per test session:
+# the numerics, stand-in engine and check-script tests all read it (tests/engine_numerics.py).
+import pytest  # noqa: E402
+
+_TINY_EXPORTS = {}
+
+
+def _tiny_export(tmp_path_factory, dtype):
+    pytest.importorskip("modelopt.torch.quantization")
+    pytest.importorskip("onnxruntime")
+    if dtype not in _TINY_EXPORTS:
+        from engine_numerics import export_calibrated_tiny
+
+        _TINY_EXPORTS[dtype] = export_calibrated_tiny(tmp_path_factory.mktemp(f"tiny_export_{str(dtype)[6:]}"), dtype)
+    return _TINY_EXPORTS[dtype]
+
+
+@pytest.fixture(scope="session", params=["float16", "bfloat16"])
+def tiny_export(request, tmp_path_factory):
+    """Exported from FP16 and from BF16 (BFL's checkpoint, hence most users' engines)."""
+    import torch
+
+    return _tiny_export(tmp_path_factory, getattr(torch, request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_export_fp16(tmp_path_factory):
+    import torch
+
+    return _tiny_export(tmp_path_factory, torch.float16)

@@ -134,3 +134,43 @@ def test_nvfp4_refused_on_cpu_with_a_reason(pairs):
 
     with pytest.raises(QuantizationError, match="only on CUDA"):
         quantize_transformer(model, load_recipe("nvfp4"), calibration_forward_loop(pairs[:1], steps=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_calibrated_fp8_scales_are_values_the_exported_graph_holds(pairs, tmp_path, dtype, monkeypatch):
+    """ModelOpt's export writes each FP8 scale (amax / 448; for Q and K times the attention pattern's D^-1/4) in the
+    model's 16-bit dtype: calibration leaves amaxes whose scale is such a value already, with its last significand
+    bit set, within one step of the calibrated one, and the saved state keeps them exactly (in float32)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from engines.fp8 import FP8_MAX
+    from engines.quant_attention import mha_prescale
+
+    recipe = load_recipe("fp8")
+    unsnapped, _ = tiny_model(dtype=dtype)  # the same calibration without the snap: how far it moved
+    monkeypatch.setattr("engines.quantize.snap_fp8_scales_for_export", lambda m: 0)
+    quantize_transformer(unsnapped, recipe, calibration_forward_loop(pairs[:1], steps=1))
+    monkeypatch.undo()
+    model, _ = tiny_model(dtype=dtype)
+    quantize_transformer(model, recipe, calibration_forward_loop(pairs[:1], steps=1))
+    before = {n: float(q.amax) for n, q in unsnapped.named_modules() if isinstance(q, TensorQuantizer) and q.is_enabled}
+    step = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    checked = 0
+    for name, q in model.named_modules():
+        if not (isinstance(q, TensorQuantizer) and q.is_enabled) or name.endswith("softmax_quantizer"):
+            continue
+        factor = mha_prescale(model.config.head_dim) if name.endswith(("q_bmm_quantizer", "k_bmm_quantizer")) else 1.0
+        scale = float(q.amax) * factor / FP8_MAX
+        exported = torch.tensor(scale, dtype=torch.float64).to(dtype)
+        assert q.amax.dtype == torch.float32 and float(exported) == pytest.approx(scale, rel=1e-6), name
+        assert int(exported.view(torch.int16)) & 1, name
+        assert abs(float(q.amax) / before[name] - 1) <= step, name
+        checked += 1
+    assert checked == 2 * 12 + 4 + 3 * 3  # 12 input-quantized Linears, 4 weight-only, Q/K/V of 3 attentions
+    assert all(float(q.amax) == 1.0 for n, q in model.named_modules() if n.endswith("softmax_quantizer"))
+    state = save_calibrated_state(model, recipe, tmp_path / "state.safetensors")
+    restored, _ = tiny_model(dtype=dtype)
+    load_calibrated_state(restored, state)
+    for name, q in model.named_modules():
+        if isinstance(q, TensorQuantizer) and q.is_enabled:
+            assert torch.equal(restored.get_submodule(name).amax, q.amax), name

@@ -111,3 +111,9 @@ def test_only_recipes_with_block_quantized_weights_need_the_nvfp4_exporter(tmp_p
     check_export_dependencies(load_recipe("fp8"))  # FP8 exports through torch.onnx alone
     with pytest.raises(ExportDependencyMissing, match=r"recipe fp8_nvfp4_linear2: .*nvfp4_exporter.*cannot be imported"):
         check_export_dependencies(fp8_with_one_nvfp4_layer)
+
+
+def test_each_recipe_has_the_tolerance_its_accuracy_target_sets():
+    """Recipe.min_cosine (what the engine check holds an engine to): the targets the recipes meet at full size."""
+    assert load_recipe("fp8").min_cosine == 0.99 and load_recipe("fp8", attention=False).min_cosine == 0.995
+    assert load_recipe("nvfp4").min_cosine == load_recipe("svdquant_nvfp4", attention=False).min_cosine == 0.97
