@@ -133,8 +133,9 @@ def test_refusals(setup):
         backend_flux.forward_orig(*args, transformer_options={"patches_replace": {"dit": {("double_block", 0): None}}})
     with pytest.raises(errors, match="attention masks"):
         backend_flux.forward_orig(*args, attn_mask=torch.zeros(1))
-    with pytest.raises(errors, match="LoRA"):
-        loaded.clone().add_patches({"diffusion_model.img_in.weight": (torch.zeros(1),)}, 1.0)
+    lora_errors = sys.modules[type(backend_flux.lora).__module__].LoRAUnsupported
+    with pytest.raises(lora_errors, match="diff patch on double_blocks.0.img_attn.qkv.weight: that layer is FP8"):
+        loaded.clone().add_patches({"diffusion_model.double_blocks.0.img_attn.qkv.weight": (torch.zeros(1),)}, 1.0)
 
 
 def test_backend_choice_on_this_machine(setup, caplog):
