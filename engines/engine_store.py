@@ -1,6 +1,7 @@
 """Engines on disk: `<name>.engine` plus a `<name>.json` sidecar that says everything about it.
 
-The sidecar records the source checkpoint (name, format, fingerprint of every weight) and the model config, the recipe, the shape profiles,
+The sidecar records the source checkpoint (name, format, fingerprint of every weight), the LoRAs baked in (hash,
+strength), and the model config, the recipe, the shape profiles,
 the TensorRT flavour and version, the target GPU, the pack version, the build time and the
 build's stage timings. Both files are written to temporary names and renamed into place, the
 engine first and the sidecar last: the loader accepts an engine only with its sidecar, so a crash
@@ -39,16 +40,21 @@ class EngineRequest:
     tensorrt_version: str
     target: str  # compute capability built for, e.g. "8.9", or "current GPU <name> 9.0"
     pack_version: str
+    loras: tuple[dict, ...] = ()  # LoRAs baked in (each one's hash and strength): other weights than the source's
 
     def key(self) -> str:
-        blob = json.dumps(self.__dict__, sort_keys=True, default=list)
+        fields = dict(self.__dict__)
+        if not fields["loras"]:
+            del fields["loras"]  # keys of engines without LoRA stay what they were before LoRAs were recorded
+        blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def name(self) -> str:
         recipe = json.loads(self.recipe)
         attention = "_attn" if recipe.get("attention") else ""
         profile = self.profiles[0]["name"] if self.profiles else "noprofile"
-        return f"kontext_{recipe['name']}{attention}_{profile}_{self.key()[:10]}"
+        lora = "_lora" if self.loras else ""
+        return f"kontext_{recipe['name']}{attention}_{profile}{lora}_{self.key()[:10]}"
 
 
 class EngineStore:

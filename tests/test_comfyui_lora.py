@@ -6,9 +6,10 @@ import sys
 
 import pytest
 import torch
-from quant_helpers import encoded_pairs
+from quant_helpers import tiny_fp8_engine
 
 from comfyui_checkout import import_comfyui, load_pack_into_comfyui, tiny_comfy_kontext
+from tiny_kontext import tiny_lora
 from engines import KontextTransformer, random_state_dict, tiny_config
 
 pytest.importorskip("modelopt.torch.quantization")
@@ -27,20 +28,7 @@ def linear_layers():
 def factors(g, out_features, in_features, rank, magnitude=0.35):
     """(up, down) whose product has about `magnitude` times a random-init weight's norm (N(0, 1/in) entries)."""
     up, down = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g)
-    target = magnitude * (out_features * in_features / in_features) ** 0.5
-    return up * (target / (up @ down).norm()), down
-
-
-def kohya_lora(seed=1, rank=8, alpha=4.0):
-    """kohya / sd-scripts keys (lora_unet_<BFL name with underscores>.lora_down/lora_up/alpha) on every Linear,
-    the 16-bit embedders and final layer included."""
-    g, sd = torch.Generator().manual_seed(seed), {}
-    for name, (out_features, in_features) in linear_layers().items():
-        up, down = factors(g, out_features, in_features, rank)
-        key = "lora_unet_" + name.replace(".", "_")
-        sd.update({f"{key}.lora_up.weight": up * rank / alpha, f"{key}.lora_down.weight": down,
-                   f"{key}.alpha": torch.tensor(alpha)})
-    return sd
+    return up * (magnitude * out_features ** 0.5 / (up @ down).norm()), down
 
 
 def diffusers_lora(seed=2, rank=4):
@@ -82,22 +70,12 @@ def setup(tmp_path_factory):
     import folder_paths
     from safetensors.torch import save_file
 
-    from engines.build import build_kontext_engine
-    from engines.engine_store import EngineStore
-    from engines.recipes import load_recipe
-    from engines.shape_profiles import named_profile
-    from engines.tensorrt_build import import_tensorrt
-
     tmp = tmp_path_factory.mktemp("lora")
     nodes = load_pack_into_comfyui(tmp_path_factory.mktemp("custom_nodes"))
     sd = random_state_dict(CFG, seed=3)
-    engine = build_kontext_engine(sd, load_recipe("fp8", attention=False), [named_profile("kontext_1ref")],
-                                  encoded_pairs(tmp, n=3), steps=3, store=EngineStore(tmp / "tensorrt"),
-                                  compute_capability=(8, 9), trt=import_tensorrt("tensorrt_rtx")).engine
-    for folder in ("diffusion_models", "loras"):
-        (tmp / folder).mkdir()
-    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(tmp / "diffusion_models" / "tiny.safetensors"))
-    save_file(kohya_lora(), str(tmp / "loras" / "kohya.safetensors"))
+    engine = tiny_fp8_engine(tmp, sd, "tiny.safetensors")
+    (tmp / "loras").mkdir()
+    save_file(tiny_lora(CFG), str(tmp / "loras" / "kohya.safetensors"))  # kohya keys, every Linear
     save_file(diffusers_lora(), str(tmp / "loras" / "diffusers.safetensors"))
     save_file(lokr_lora("double_blocks.0.img_attn.qkv"), str(tmp / "loras" / "lokr_qkv.safetensors"))
     save_file({**lokr_lora("img_in"), "lora_unet_single_blocks_0_linear2.diff_b": torch.randn(HIDDEN) * 0.1},
@@ -219,6 +197,15 @@ def test_lora_hooks_are_refused(setup):
         loaded.clone().add_hook_patches(None, {"diffusion_model.img_in.weight": (torch.zeros(1),)})
 
 
+def test_nodes_that_read_the_original_weights_refuse_the_quantized_model(setup):
+    """The MODEL's state dict has the original keys (for ComfyUI's LoRA mapping) but FP8 data without scales: Model
+    Info and Build Engine must not read it as a checkpoint."""
+    loaded = setup["load"]()
+    with pytest.raises(ValueError, match="model: the quantized Kontext from Load Quantized Model; this node takes the "
+                                         "original model"):
+        setup["nodes"]["KontextTRT_ModelInfo"].execute(loaded)
+
+
 def test_a_tensorrt_engine_refuses_a_lora_naming_it(setup):
     """No GPU here runs TensorRT: the engine's MODEL is made as the loader makes it for that backend (the engine is
     only deserialized at the first step), and LoraLoaderModelOnly on it fails naming the LoRA."""
@@ -237,3 +224,50 @@ def test_a_tensorrt_engine_refuses_a_lora_naming_it(setup):
                        match=r"LoRA \(lora [0-9a-f]{12} at strength 0\.8 on \d+ tensors \(keys lora_unet_.*\): a "
                              r"TensorRT engine's weights are fixed when it is built, and this engine was built without"):
         with_loras(model, ("kohya.safetensors", 0.8))
+
+
+def test_build_engine_bakes_the_models_loras_in_and_the_engine_says_so(setup, monkeypatch):
+    """Build Engine on a LoRA'd 16-bit MODEL: calibrated with ComfyUI's merged weights, the sidecar records each LoRA
+    (hash, strength) and the unpatched source file; the PyTorch backend refuses that engine, its TensorRT MODEL
+    refuses a further LoRA, both naming what is baked in."""
+    import comfy.model_management
+    from safetensors.torch import load_file
+    from test_comfyui_build_node import run
+
+    from engines.config import KontextConfig
+    from engines.engine_store import EngineStore
+    from engines.runtime_tensorrt import TensorRTBackend
+    from engines.source_weights import file_fingerprint
+    from engines.tensorrt_build import import_tensorrt
+
+    node = setup["nodes"]["KontextTRT_BuildEngine"]
+    build_module = sys.modules[node.__module__]
+    monkeypatch.setattr(build_module, "gpu_compute_capability", lambda: (8, 9))  # build for Ada, on this CPU
+    lorad = with_loras(setup["original"], ("kohya.safetensors", 0.8))
+    comfy.model_management.load_models_gpu([lorad])  # as after a sample: ComfyUI keeps the LoRA merged in place
+    merged_qkv = lorad.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.clone()
+    engine_name, state = run(node, lorad, quantize_attention=False, steps_per_sample=1, max_samples=2)
+    comfy.model_management.unload_all_models()
+
+    folder = setup["tmp"] / "tensorrt"
+    meta = EngineStore(folder).read_metadata(folder / engine_name)
+    lora_module = sys.modules[build_module.describe_loras.__module__]
+    assert meta["loras"] == lora_module.describe_loras(lora_module.diffusion_patches(lorad.patches))
+    assert len(meta["loras"]) == 1 and meta["loras"][0]["strength"] == 0.8
+    assert meta["loras"][0]["tensors"] == len(linear_layers()) and meta["loras"][0]["type"] == "lora"
+    tiny_file = setup["tmp"] / "diffusion_models" / "tiny.safetensors"
+    assert meta["source"]["name"] == "tiny.safetensors" and meta["model_fingerprint"] == file_fingerprint(tiny_file)
+    amax = load_file(state)["double_blocks.0.img_attn.qkv.weight_quantizer._amax"].float().reshape(())
+    assert torch.allclose(amax, merged_qkv.abs().max(), rtol=1e-4)  # calibrated on the merged weight
+    assert not torch.allclose(amax, setup["sd"]["double_blocks.0.img_attn.qkv.weight"].abs().max(), rtol=1e-2)
+
+    sha = meta["loras"][0]["sha256"][:12]
+    with pytest.raises(ValueError, match=rf"built with LoRA baked in \(lora {sha} at strength 0.8 on 26 tensors"):
+        setup["nodes"]["KontextTRT_LoadQuantized"].execute(engine_name, "auto", "tiny.safetensors")
+    backend_model = sys.modules[type(setup["load"]().model.diffusion_model).__module__]
+    runner = TensorRTBackend(folder / engine_name, meta, import_tensorrt("tensorrt_rtx"),
+                             KontextConfig.from_dict(meta["model_config"]))
+    cpu = torch.device("cpu")
+    trt_model = backend_model.backend_model(runner, CFG, 1, torch.bfloat16, cpu, cpu, baked_loras=meta["loras"])
+    with pytest.raises(backend_model.BackendUnsupported, match=rf"this engine was built with lora {sha} at strength 0.8"):
+        with_loras(trt_model, ("diffusers.safetensors", 1.0))

@@ -248,3 +248,90 @@ def test_with_compiled_blocks_a_strength_change_compiles_nothing(calibrated):
     assert all(output_error(want[k], out[k])[1] < 0.05 for k in want)  # the new strength did apply
     assert graphs_compiled_by(as_patches([lora, other], [0.8, 0.3]))[0] == 0  # rank 8: the same 16 bucket
     assert graphs_compiled_by({})[0] == 0
+
+
+def test_a_lora_baked_into_an_engine_is_calibrated_with_and_recorded(tmp_path):
+    """TensorRT: the build reads the weights with the LoRA merged (source_weights.with_patches; here an fp8_scaled
+    file, whose patched layers are quantized again and whose others keep the file's FP8 scales), the request key and
+    the sidecar carry the LoRA, and the sidecar's source is the unpatched file."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (tensorrt-rtx-cu12) builds engines on the CPU")
+    from checkpoint_files import fp8_scaled_state_dict, save
+    from safetensors.torch import load_file
+
+    from engines import random_state_dict, tiny_config
+    from engines.build import build_kontext_engine
+    from engines.engine_store import EngineStore
+    from engines.fp8 import FP8_MAX
+    from engines.recipes import load_recipe
+    from engines.shape_profiles import named_profile
+    from engines.source_weights import open_checkpoint, with_patches
+    from engines.tensorrt_build import import_tensorrt
+
+    stored = fp8_scaled_state_dict(random_state_dict(tiny_config(), seed=4))
+    path = save(stored, tmp_path / "kontext_fp8_scaled.safetensors")
+    pairs = encoded_pairs(tmp_path, n=2)
+    store = EngineStore(tmp_path / "tensorrt")
+    key = "double_blocks.0.img_attn.qkv.weight"
+    with open_checkpoint(path) as weights:
+        patches = as_patches([random_lora({key: weights.tensor(key, torch.float32)}, [key], 4, seed=3)], [0.8])
+        exact = {k: kp.exact for k, kp in key_patches(patches, {}).items()}
+        lora = {"sha256": "f" * 64, "strength": 0.8}
+
+        def build(w, **kw):
+            return build_kontext_engine(w, load_recipe("fp8", attention=False), [named_profile("kontext_1ref")], pairs,
+                                        steps=1, store=store, compute_capability=(8, 9),
+                                        trt=import_tensorrt("tensorrt_rtx"), **kw)
+
+        with pytest.raises(ValueError, match="LoRAs baked in need the unpatched source's description"):
+            build(with_patches(weights, exact), loras=[lora])
+        baked = build(with_patches(weights, exact), source=weights.describe(), loras=[lora])
+        plain = build(weights)
+        patched_weight = merged_state_dict({key: weights.tensor(key, torch.float32)}, patches)[key]
+    assert baked.engine != plain.engine and "_lora_" in baked.engine.name
+    meta = store.read_metadata(baked.engine)
+    assert meta["loras"] == [lora] and meta["source"] == store.read_metadata(plain.engine)["source"]
+    assert meta["model_fingerprint"] == store.read_metadata(plain.engine)["model_fingerprint"]
+    state = load_file(str(baked.calibrated_state))
+    amax = state["double_blocks.0.img_attn.qkv.weight_quantizer._amax"].float().reshape(())
+    # The patched weight's own range (read in BF16, the 16-bit form of an FP8 source), not the file's FP8 scale.
+    assert torch.allclose(amax, patched_weight.to(torch.bfloat16).float().abs().max(), rtol=1e-3)
+    assert not torch.allclose(amax, stored["double_blocks.0.img_attn.qkv.scale_weight"] * FP8_MAX, rtol=1e-2)
+    other = "single_blocks.0.linear2"  # not patched: its FP8 weights as the file has them, scale pinned
+    assert torch.allclose(state[f"{other}.weight_quantizer._amax"].float().reshape(()),
+                          stored[f"{other}.scale_weight"].float() * FP8_MAX, rtol=1e-6)
+
+
+@torch.no_grad()
+def test_the_fused_gpu_paths_add_the_same_branch(calibrated, monkeypatch):
+    """Where the pack's Triton kernels run, an MLP's GELU + FP8 quantization is one kernel whose 16-bit output is
+    never written, and the modulation is one GEMV kernel: the branch is added beside them. With those kernels (and
+    the FP8 GEMM) replaced by their PyTorch definitions (the kernels themselves: test_gelu_fp8.py, test_fp8_gemv.py;
+    no GPU here), the fused paths compute what the unfused ones do, LoRA included."""
+    import engines.runtime_torch as rt
+    from engines.fp8 import quantize_fp8
+
+    sd, state, held = calibrated
+    model = fp8_model(sd, state)
+    keys = BLOCK_WEIGHTS + ("double_blocks.0.img_mlp.2.weight", "single_blocks.0.linear2.weight")
+    LoRAApplier(model).apply(key_patches(as_patches([random_lora(sd, keys, 4, seed=13)], [0.8]), sd))
+    want = step_outputs(model, held[:1], (0.5,))
+
+    def gelu_fp8(x, scale, prefix):
+        return quantize_fp8(torch.cat(([] if prefix is None else [prefix]) + [F.gelu(x, approximate="tanh")], -1), scale)
+
+    def matmul_fp8(self, x8, out_dtype):
+        x = (x8.float() * self.input_scale).to(out_dtype)
+        return F.linear(x, (self.weight.float() * self.weight_scale).to(out_dtype), self.bias)
+
+    def gemv(x, weight, row_scales, bias):
+        return (F.linear(x.float(), weight.float() * row_scales[:, None]) + bias.float()).to(x.dtype)
+
+    used = []
+    monkeypatch.setattr(rt, "triton_fp8_kernels_available", lambda device: True)
+    monkeypatch.setattr(rt, "fused_gelu_fp8", lambda *a: used.append("gelu") or gelu_fp8(*a))
+    monkeypatch.setattr(rt, "fused_fp8_gemv", lambda *a: used.append("gemv") or gemv(*a))
+    monkeypatch.setattr(rt.FP8Linear, "matmul_fp8", matmul_fp8)
+    got = step_outputs(model, held[:1], (0.5,))
+    assert used.count("gemv") == 1 and used.count("gelu") == 2 * len(model.double_blocks) + len(model.single_blocks)
+    for key in want:
+        assert output_error(want[key], got[key])[1] < 1e-4, key
