@@ -20,6 +20,10 @@ Variants:
   comfy_bf16            ComfyUI's Flux (comfy.ldm.flux.model.Flux), BF16, eager: what KSampler runs
   comfy_bf16_compile    the same under torch.compile (per block)
   comfy_fp8_fast        ComfyUI's weight_dtype fp8_e4m3fn_fast: FP8 weights, unscaled FP8 GEMMs, eager
+  comfy_fp8_scaled      the same weights in Comfy-Org's fp8_scaled layout through ComfyUI's own loader (0.8:
+                        comfy-kitchen's mixed-precision FP8 ops), eager; _compile: blocks under torch.compile
+  comfy_native_export   the pack's exported calibrated checkpoint (comfy_quant FP8 with static input scales)
+                        through ComfyUI's own loader, eager; _compile: blocks under torch.compile
   pack_bf16             this pack's transformer, BF16, eager
   pack_fp8              the PyTorch backend: FP8 GEMMs (torch._scaled_mm, static calibrated scales),
                         16-bit attention (cuDNN SDPA), eager
@@ -64,7 +68,8 @@ from engines.quantize import output_error, use_eager_fp8_fake_quant  # noqa: E40
 from engines.tokens import edit_ids  # noqa: E402
 
 GIB = 2**30
-VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "pack_bf16", "pack_fp8", "pack_fp8_compile",
+VARIANTS = ("comfy_bf16", "comfy_bf16_compile", "comfy_fp8_fast", "comfy_fp8_scaled", "comfy_fp8_scaled_compile",
+            "comfy_native_export", "comfy_native_export_compile", "pack_bf16", "pack_fp8", "pack_fp8_compile",
             "pack_fp8_attn", "pack_fp8_attn_compile", "pack_fp8_attn_compile_unfused_inputs", "pack_fp8_attn_compile_default_reductions",
             "pack_fp8_attn_compile_inductor_gelu",
             "pack_fp8_attn_compile_tuned", "pack_fp8_attn_cudagraphs",
@@ -121,6 +126,19 @@ def fp8_model(sd, device, attention: bool, attention_kernel: str = "triton"):
     from engines.recipes import load_recipe
     from engines.runtime_torch import load_fp8_transformer
 
+    return load_fp8_transformer(lambda k: sd[k], calibrated_state_path(sd), device=device, dtype=torch.bfloat16,
+                                fp8_attention=attention, attention_kernel=attention_kernel)
+
+
+def calibrated_state_path(sd):
+    """The fp8 state (attention included) calibrated once per run on one default pair, max calibration."""
+    import tempfile
+
+    from engines.calibrated_state import save_calibrated_state
+    from engines.calibration import calibration_forward_loop, default_encoded_pairs
+    from engines.quantize import quantize_transformer
+    from engines.recipes import load_recipe
+
     if "path" not in _calibrated_state:
         recipe = load_recipe("fp8", attention=True)
         model = transformer_from_state_dict(sd)
@@ -131,8 +149,44 @@ def fp8_model(sd, device, attention: bool, attention_kernel: str = "triton"):
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    return load_fp8_transformer(lambda k: sd[k], _calibrated_state["path"], device=device, dtype=torch.bfloat16,
-                                fp8_attention=attention, attention_kernel=attention_kernel)
+    return _calibrated_state["path"]
+
+
+def comfy_file(name: str, sd: dict) -> Path:
+    """The same weights as a file in the layout a ComfyUI user would load (written once per run, on the CPU):
+    fp8_scaled (Comfy-Org's layout: per-tensor FP8 weights and scales, no calibrated input scales) or
+    native_export (the pack's calibrated checkpoint, engines/comfy_export.py)."""
+    import tempfile
+
+    if name not in _files:
+        path = Path(tempfile.mkdtemp(prefix="kontext_files_")) / f"{name}.safetensors"
+        cpu = {k: v.cpu() for k, v in sd.items()}
+        if name == "fp8_scaled":
+            sys.path.insert(0, str(ROOT / "tests"))
+            from checkpoint_files import fp8_scaled_state_dict, save
+
+            save(fp8_scaled_state_dict(cpu, input_scale=1.0), path)  # the scale ComfyUI's own files carry
+        else:
+            from engines.comfy_export import export_comfy_checkpoint
+            from engines.source_weights import from_state_dict
+
+            export_comfy_checkpoint(from_state_dict(cpu), calibrated_state_path(sd), path)
+        _files[name] = path
+    return _files[name]
+
+
+_files = {}
+
+
+def comfy_loaded(path: Path, device):
+    """A file through ComfyUI's own diffusion-model loader (what Load Diffusion Model does) and on the GPU: its
+    ops decide how each layer runs (0.8: comfy-kitchen mixed precision for comfy_quant / fp8_scaled files)."""
+    import comfy.model_management
+    import comfy.sd
+
+    patcher = comfy.sd.load_diffusion_model(str(path))
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    return patcher.model.diffusion_model.eval()
 
 
 def make_variant(name: str, sd: dict, cfg, device):
@@ -141,6 +195,12 @@ def make_variant(name: str, sd: dict, cfg, device):
 
     if name not in VARIANTS + FA3_VARIANTS:
         raise SystemExit(f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS + FA3_VARIANTS)}")
+    if name.startswith(("comfy_fp8_scaled", "comfy_native_export")):
+        module = comfy_loaded(comfy_file("fp8_scaled" if "fp8_scaled" in name else "native_export", sd), device)
+        if name.endswith("_compile"):
+            compile_blocks(module, pick_reductions=False)
+        return lambda x: module.forward_orig(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"],
+                                             x["guidance"])
     if name.startswith("comfy_"):
         module = comfy_flux(sd, cfg, device, fp8_fast=name == "comfy_fp8_fast")
         if name.endswith("_compile"):
@@ -318,8 +378,13 @@ def main(argv=None) -> int:
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90),
                       flush=True)
         fn = None
+        if name.startswith(("comfy_fp8_scaled", "comfy_native_export")):
+            import comfy.model_management
+
+            comfy.model_management.unload_all_models()  # its loader keeps the model loaded otherwise
         gc.collect()
         torch.cuda.empty_cache()
+    env["comfy_kitchen"] = _comfy_kitchen()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=2))
     print(json.dumps(env))
@@ -331,6 +396,19 @@ def main(argv=None) -> int:
               f"{r['ms_per_step']} | {speedup} | {r['peak_gib']} ({r['peak_reserved_gib']}) | "
               f"{r['cosine_to_comfy_bf16']} | {r['first_step_s']} |")
     return 0
+
+
+def _comfy_kitchen() -> dict | None:
+    """comfy-kitchen's version and the backends ComfyUI left enabled (it disables CUDA below a cu130 torch)."""
+    try:
+        import importlib.metadata
+
+        import comfy_kitchen
+    except ImportError:
+        return None
+    backends = {k: {f: v.get(f) for f in ("available", "disabled", "unavailable_reason")} if isinstance(v, dict) else str(v)
+                for k, v in comfy_kitchen.list_backends().items()}
+    return {"version": importlib.metadata.version("comfy-kitchen"), "backends": backends}
 
 
 def _driver_version() -> str | None:

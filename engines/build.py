@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .calibrated_state import load_calibrated_state, save_calibrated_state
+from .calibrated_state import load_calibrated_state, read_calibrated, save_calibrated_state
+from .comfy_export import write_state_from_checkpoint
 from .calibration import CalibrationCancelled, EncodedPair, calibration_forward_loop
 from .engine_store import EngineRequest, EngineStore
 from .offload import blocks_streamed_to, move_quantizer_state
@@ -83,7 +84,8 @@ def engine_request(fingerprint: str, config, recipe: Recipe, profiles: Sequence[
 def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], recipe: Recipe, profiles: Sequence[ShapeProfile],
                          samples: Sequence[EncodedPair], steps: int, store: EngineStore, *,
                          calibration_name: str = "custom", compute_capability: tuple[int, int] | None = None,
-                         keep_onnx: bool = False, low_vram: bool = False, device=None, progress: Progress | None = None,
+                         keep_onnx: bool = False, low_vram: bool = False, device=None, calibrated_from: Path | None = None,
+                         progress: Progress | None = None,
                          should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None,
                          source: dict | None = None, loras: Sequence[dict] = ()) -> BuildResult:
     """Build (or find) the engine for this model, recipe and profiles. weights: the transformer's weights
@@ -93,7 +95,8 @@ def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], re
 
     low_vram: sd stays in system memory; calibration streams one block at a time to the GPU and the
     export runs on the CPU (FP8 max calibration only: it never rewrites weights). device: where a file's tensors
-    are read to (None: where the weights are, e.g. ComfyUI's tensors on its GPU).
+    are read to (None: where the weights are, e.g. ComfyUI's tensors on its GPU). calibrated_from: an exported
+    checkpoint (comfy_export.py) whose embedded state is used instead of calibrating; its recipe must be `recipe`.
 
     LoRA baked in: `weights` are the patched ones (source_weights.with_patches, or ComfyUI's patched MODEL),
     `source` describes the unpatched source (file, fingerprint) and `loras` what was applied (each a dict with
@@ -108,6 +111,12 @@ def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], re
     source = source or weights.describe()
     model = transformer_from_source(weights, device=device)
     calibration = {"set": calibration_name, "pairs": len(samples), "steps": steps}
+    if calibrated_from is not None:
+        embedded = read_calibrated(calibrated_from)[0]
+        if embedded.to_json() != recipe.to_json():
+            raise ValueError(f"{Path(calibrated_from).name}: calibrated with recipe {embedded.name}"
+                             f"{' and FP8 attention' if embedded.attention else ''}, not the {recipe.name} asked for")
+        calibration = {"set": f"embedded in {Path(calibrated_from).name}", "pairs": 0, "steps": 0}
     request = engine_request(source["fingerprint"], model.config, recipe, profiles, calibration, trt, compute_capability,
                              loras)
     cached = store.lookup(request)
@@ -131,6 +140,8 @@ def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], re
         if should_cancel is not None and should_cancel():
             raise EngineBuildCancelled(f"engine build cancelled before {where}")
 
+    if calibrated_from is not None and not state_path.is_file():
+        write_state_from_checkpoint(calibrated_from, state_path)  # resumed from below: no calibration
     calibrate_or_resume(model, recipe, samples, steps, state_path, stages, low_vram=low_vram,
                         progress=report("calibrate"), should_cancel=should_cancel)
     cancel_point("the ONNX export")

@@ -19,6 +19,8 @@ from .recipes import parse_recipe
 from .transformer import KontextTransformer
 
 STATE_FORMAT = "kontext-trt-calibrated-state/1"
+# Where an exported ComfyUI-native checkpoint (comfy_export.py) keeps the state in its header.
+PACK_KEY = "kontext_trt"
 
 
 class CalibratedStateError(ValueError):
@@ -53,6 +55,26 @@ def read_state_metadata(path: str | Path) -> dict:
     if meta.get("format") != STATE_FORMAT:
         raise CalibratedStateError(f"{path}: not a Kontext TRT calibrated state (format {meta.get('format')!r})")
     return meta
+
+
+def read_calibrated(path: str | Path) -> tuple:
+    """(recipe, config, {quantizer key: amax tensor}) of a calibrated state file, or of an exported checkpoint whose
+    header carries them (comfy_export.py)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if PACK_KEY in meta:
+            pack = json.loads(meta[PACK_KEY])
+            amax = {k: torch.tensor(v["value"], dtype=torch.float32).reshape(v["shape"]) for k, v in pack["amax"].items()}
+            recipe_data, config, source = pack["recipe"], pack["kontext_config"], str(path)
+        else:
+            meta = read_state_metadata(path)
+            amax = {k: f.get_tensor(k) for k in f.keys() if k.endswith("._amax")}
+            recipe_data, config = json.loads(meta["recipe"]), json.loads(meta["kontext_config"])
+            source = meta.get("recipe_source", str(path))
+    recipe = parse_recipe(recipe_data, source=source, attention=recipe_data.get("attention") is not None)
+    return recipe, KontextConfig.from_dict(config), amax
 
 
 def load_calibrated_state(model: KontextTransformer, path: str | Path):

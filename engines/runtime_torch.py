@@ -19,7 +19,6 @@ ops that produce them.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 from collections.abc import Callable
 from typing import Optional
@@ -28,13 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibrated_state import read_state_metadata
-from .config import KontextConfig
+from .calibrated_state import read_calibrated
 from .fp8 import FP8, FP8_MAX, fp8_tensor_cores, quantize_fp8
 from .fp8_attention import FP8Attention
 from .fp8_attention_fa3 import resolve_fa3_library
 from .kernel_ops import custom_op, triton_fp8_kernels_available
-from .recipes import ATTENTION_QUANTIZERS, parse_recipe
+from .recipes import ATTENTION_QUANTIZERS
 from .source_weights import FP8Weight, SourceWeights
 from .transformer import Attention, KontextTransformer, SingleStreamBlock
 
@@ -290,19 +288,12 @@ def load_fp8_transformer(weights: SourceWeights | Callable[[str], Tensor], state
     When the recipe makes every modulation Linear weight-only FP8 (the fp8 recipe does), they become
     one FusedModulation, unless fuse_modulation=False.
     """
-    from safetensors import safe_open
-
     fa3_library = resolve_fa3_library(attention_kernel, torch.device(device))  # a bad choice fails before any load
     get_tensor = weights.get if isinstance(weights, SourceWeights) else weights
-    meta = read_state_metadata(state_path)
-    recipe_data = json.loads(meta["recipe"])
-    recipe = parse_recipe(recipe_data, source=str(state_path), attention=recipe_data.get("attention") is not None)
+    recipe, config, amax = read_calibrated(state_path)  # a state file, or an exported checkpoint's header
     if recipe.gemm != {"weights": "fp8_per_tensor", "activations": "fp8_per_tensor"}:
         raise BackendError(f"{state_path}: the PyTorch backend runs the fp8 recipe; this state is {recipe.name} "
                            f"({recipe.gemm['weights']}): use its TensorRT engine")
-    config = KontextConfig.from_dict(json.loads(meta["kontext_config"]))
-    with safe_open(str(state_path), framework="pt") as f:
-        amax = {k: f.get_tensor(k) for k in f.keys() if k.endswith("._amax")}
 
     with torch.device("meta"):
         model = KontextTransformer(config, dtype=dtype)

@@ -5,12 +5,13 @@ from comfy_api.latest import ComfyExtension, io
 
 from .build_engine import KontextBuildEngine
 from .edit_turn import KontextEditHistory, KontextEditTurn
+from .export_checkpoint import KontextExportCheckpoint
 from .folders import register_tensorrt_folder
 from .load_quantized import KontextLoadQuantized
 from .model_info import KontextModelInfo
 
-NODES: list[type[io.ComfyNode]] = [KontextModelInfo, KontextBuildEngine, KontextLoadQuantized, KontextEditTurn,
-                                   KontextEditHistory]
+NODES: list[type[io.ComfyNode]] = [KontextModelInfo, KontextBuildEngine, KontextLoadQuantized, KontextExportCheckpoint,
+                                   KontextEditTurn, KontextEditHistory]
 
 
 class KontextTRTExtension(ComfyExtension):

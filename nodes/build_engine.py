@@ -1,3 +1,4 @@
+import logging
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from ..engines.gpu_support import check_build_target
 from ..engines.recipes import available_recipes, load_recipe
 from ..engines.shape_profiles import NAMED_PROFILES, custom_profile, named_profile
 from ..engines import NotKontextError
+from ..engines.calibrated_state import read_calibrated
+from ..engines.comfy_export import is_exported_checkpoint
 from ..engines.source_weights import from_state_dict, open_checkpoint, with_patches
 from ..engines.state_dict import config_from_state_dict
 from ..engines.tensorrt_build import EngineBuildCancelled, import_tensorrt
@@ -99,11 +102,24 @@ class KontextBuildEngine(io.ComfyNode):
             raise NotKontextError(f"model: its weights are FP8 ({weights.format}) and no file in models/diffusion_models "
                                   "holds them; an FP8 model is built from the file Load Diffusion Model loaded: put it "
                                   "there, or pick it as checkpoint")
-        source = calibration_set.strip()
-        if not source:
-            source = write_default_calibration_set(Path(tempfile.mkdtemp(prefix="kontext_calib_")))
-        pairs = read_calibration_set(source)[:max_samples]
-        samples = [encode_pair(pair, clip, vae, model) for pair in pairs]
+        path = folder_paths.get_full_path_or_raise("diffusion_models", source_file) if source_file else None
+        embedded = None  # a checkpoint written by Export ComfyUI Checkpoint for this recipe: no calibration
+        if path and is_exported_checkpoint(path):
+            if patches:
+                logging.info("Kontext TRT: the model has LoRAs applied: calibrating with them, not with the "
+                             "calibration %s holds", source_file)
+            elif read_calibrated(path)[0].to_json() == chosen.to_json():
+                embedded = path
+            else:
+                logging.info("Kontext TRT: %s was calibrated for another recipe than %s: calibrating again",
+                             source_file, chosen.name)
+        samples = []
+        if embedded is None:
+            source = calibration_set.strip()
+            if not source:
+                source = write_default_calibration_set(Path(tempfile.mkdtemp(prefix="kontext_calib_")))
+            pairs = read_calibration_set(source)[:max_samples]
+            samples = [encode_pair(pair, clip, vae, model) for pair in pairs]
 
         bars = {}
 
@@ -111,10 +127,10 @@ class KontextBuildEngine(io.ComfyNode):
             bar = bars.setdefault(stage, comfy.utils.ProgressBar(total))
             bar.update_absolute(done, total)
 
-        def build(weights, device=None, source=None):
+        def build(weights, device=None, calibrated_from=None, source=None):
             return build_kontext_engine(weights, chosen, [shapes], samples, steps_per_sample, engine_store(),
                                         calibration_name=str(calibration_set.strip() or "default"), keep_onnx=keep_onnx,
-                                        low_vram=low_vram, device=device,
+                                        low_vram=low_vram, device=device, calibrated_from=calibrated_from,
                                         compute_capability=cc if trt.flavour == "tensorrt_rtx" else None,
                                         progress=progress, should_cancel=comfy.model_management.processing_interrupted,
                                         trt=trt, source=source, loras=loras)
@@ -130,9 +146,9 @@ class KontextBuildEngine(io.ComfyNode):
                 # let go first so the weights are on the GPU once.
                 comfy.model_management.unload_all_models()
                 device = "cpu" if low_vram else comfy.model_management.get_torch_device()
-                with open_checkpoint(folder_paths.get_full_path_or_raise("diffusion_models", source_file)) as weights:
+                with open_checkpoint(path) as weights:
                     result = (build(with_patches(weights, exact), device, source=weights.describe()) if patches
-                              else build(weights, device))
+                              else build(weights, device, calibrated_from=embedded))
             elif patches and low_vram:
                 comfy.model_management.unload_all_models()  # the weights go back to system memory, unpatched
                 unpatched = from_state_dict(diffusion_model_state_dict(model), name=source_file)
@@ -142,8 +158,9 @@ class KontextBuildEngine(io.ComfyNode):
                     comfy.model_management.unload_all_models()  # the weights go back to system memory
                 else:
                     comfy.model_management.load_models_gpu([model], force_full_load=True)  # LoRAs merged here
-                source = dict(weights.describe(), name=source_file) if patches else None
-                result = build(from_state_dict(diffusion_model_state_dict(model), name=source_file), source=source)
+                unpatched_source = dict(weights.describe(), name=source_file) if patches else None
+                result = build(from_state_dict(diffusion_model_state_dict(model), name=source_file),
+                               source=unpatched_source)
         except EngineBuildCancelled:
             raise comfy.model_management.InterruptProcessingException()
         return io.NodeOutput(result.engine.name, str(result.calibrated_state or ""))

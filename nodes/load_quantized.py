@@ -12,6 +12,8 @@ from ..engines.cuda_graph_step import CUDAGraphedTransformer
 from ..engines.fp8_attention_fa3 import ATTENTION_KERNELS
 from ..engines.runtime_tensorrt import TensorRTBackend, choose_backend, engine_device_bytes
 from ..engines.runtime_torch import compile_blocks, load_fp8_transformer, transformer_bytes
+from ..engines.calibrated_state import read_calibrated
+from ..engines.comfy_export import is_exported_checkpoint
 from ..engines.source_weights import file_fingerprint, open_checkpoint
 from ..engines.tensorrt_build import TensorRTMissing, import_tensorrt
 from .backend_model import backend_model
@@ -20,6 +22,7 @@ from .folders import FOLDER, engine_store
 
 STATE_SUFFIX = ".calibration.safetensors"
 FROM_ENGINE = "(engine's source)"
+CHECKPOINT_ALONE = "(none: an exported checkpoint alone)"
 
 
 class KontextLoadQuantized(io.ComfyNode):
@@ -35,8 +38,9 @@ class KontextLoadQuantized(io.ComfyNode):
                         "stacked; a TensorRT engine takes only the LoRAs baked in when it was built. Refuses "
                         "ControlNet and block patches.",
             inputs=[
-                io.Combo.Input("engine", options=folder_paths.get_filename_list(FOLDER),
-                               tooltip="An engine in models/tensorrt with its .json sidecar."),
+                io.Combo.Input("engine", options=[*folder_paths.get_filename_list(FOLDER), CHECKPOINT_ALONE],
+                               tooltip="An engine in models/tensorrt with its .json sidecar; or none, to run a checkpoint "
+                                       "written by Export ComfyUI Checkpoint alone (PyTorch backend)."),
                 io.Combo.Input("backend", options=["auto", "tensorrt", "pytorch"], default="auto",
                                tooltip="auto: the TensorRT engine when it can run on this GPU and TensorRT, else "
                                        "PyTorch (the log says why). pytorch: FP8 GEMMs on compute capability >= 8.9."),
@@ -66,6 +70,8 @@ class KontextLoadQuantized(io.ComfyNode):
     @classmethod
     def execute(cls, engine, backend, checkpoint, compile=True, cuda_graph=True,
                 attention_kernel="auto") -> io.NodeOutput:
+        if engine == CHECKPOINT_ALONE:
+            return io.NodeOutput(cls.checkpoint_alone(backend, checkpoint, compile, cuda_graph, attention_kernel))
         path = Path(folder_paths.get_full_path_or_raise(FOLDER, engine))
         meta = engine_store().read_metadata(path)
         try:
@@ -93,10 +99,32 @@ class KontextLoadQuantized(io.ComfyNode):
         if not state.is_file():
             raise FileNotFoundError(f"engine {engine}: its calibrated state {state.name} (needed by the PyTorch backend) "
                                     "is missing; rebuild with Build Engine")
-        checkpoint_path = engine_checkpoint(engine, meta, checkpoint)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        with open_checkpoint(checkpoint_path) as weights:
-            runner = load_fp8_transformer(weights, state, device=device, dtype=dtype, attention_kernel=attention_kernel)
+        return io.NodeOutput(pytorch_model(engine_checkpoint(engine, meta, checkpoint), state, config, compile, cuda_graph,
+                                           attention_kernel))
+
+    @classmethod
+    def checkpoint_alone(cls, backend, checkpoint, compile, cuda_graph, attention_kernel):
+        if backend == "tensorrt":
+            raise ValueError("backend tensorrt: an exported checkpoint alone runs on the PyTorch backend; pick an engine "
+                             "for TensorRT")
+        if checkpoint == FROM_ENGINE:
+            raise ValueError("checkpoint: with no engine, pick the exported checkpoint to run")
+        path = folder_paths.get_full_path_or_raise("diffusion_models", checkpoint)
+        if not is_exported_checkpoint(path):
+            raise ValueError(f"checkpoint {checkpoint}: not written by Export ComfyUI Checkpoint (it has no calibrated "
+                             "state in it); pick an engine built from it, or load it with Load Diffusion Model")
+        _, config, _ = read_calibrated(path)
+        return pytorch_model(path, path, config, compile, cuda_graph, attention_kernel)
+
+
+def pytorch_model(checkpoint_path, state, config, compile, cuda_graph, attention_kernel):
+    """The PyTorch backend's MODEL: the checkpoint's weights with the calibrated state (a file, or the checkpoint's own
+    header)."""
+    device = comfy.model_management.get_torch_device()
+    offload = comfy.model_management.unet_offload_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with open_checkpoint(checkpoint_path) as weights:
+        runner = load_fp8_transformer(weights, state, device=device, dtype=dtype, attention_kernel=attention_kernel)
         if compile and device.type == "cuda":
             compile_blocks(runner)
         elif compile:
@@ -106,7 +134,7 @@ class KontextLoadQuantized(io.ComfyNode):
         elif cuda_graph:
             logging.warning("Kontext TRT: cuda_graph is on, but %s is not a CUDA device: steps run without CUDA graphs",
                             device)
-        return io.NodeOutput(backend_model(runner, config, transformer_bytes(runner), dtype, device, offload))
+        return backend_model(runner, config, transformer_bytes(runner), dtype, device, offload)
 
 
 def engine_checkpoint(engine: str, meta: dict, checkpoint: str) -> str:
@@ -115,8 +143,9 @@ def engine_checkpoint(engine: str, meta: dict, checkpoint: str) -> str:
     source = meta.get("source") or {}
     name = source.get("name") if checkpoint == FROM_ENGINE else checkpoint
     if not name:
-        raise ValueError(f"engine {engine}: its sidecar records no source checkpoint (built by an older version of "
-                         "the pack): pick the checkpoint it was built from, or rebuild it")
+        raise ValueError(f"engine {engine}: its sidecar records no source checkpoint (built from a MODEL that no file in "
+                         "models/diffusion_models held, or by an older version of the pack): pick the checkpoint with "
+                         "its weights, or rebuild it")
     path = folder_paths.get_full_path("diffusion_models", name)
     if path is None:
         raise FileNotFoundError(f"engine {engine} was built from {name}, which is not in models/diffusion_models: put it "

@@ -41,6 +41,11 @@ def import_comfyui(path: str | None) -> None:
 
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
+    load_comfy_extras()
+
+
+def load_comfy_extras() -> None:
+    """ComfyUI's own extra nodes (comfy_extras: FluxKontextImageScale, ReferenceLatent, ...), as its main.py loads them."""
     import utils.install_util  # noqa: F401  ComfyUI's `utils` package, bound first as its main.py does (an
     # extra node's import would otherwise find comfy/utils.py as `utils` and the server-side nodes fail)
     import nodes

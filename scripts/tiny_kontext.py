@@ -23,10 +23,11 @@ def tiny_comfy_kontext(cfg=CFG, sd=None, dtype=None):
 
 
 class StandInClip:
-    """FLUX text-encoder interface: tokenize + encode_from_tokens_scheduled, states seeded by the text."""
+    """FLUX text-encoder interface: tokenize + encode_from_tokens_scheduled, states seeded by the text, as wide as
+    cfg's text inputs (a full-width Kontext: T5-XXL's 4096, CLIP-L's pooled 768)."""
 
-    def __init__(self, on_tokenize=None):
-        self.on_tokenize = on_tokenize
+    def __init__(self, on_tokenize=None, cfg=CFG):
+        self.on_tokenize, self.cfg = on_tokenize, cfg
 
     def tokenize(self, text):
         if self.on_tokenize:
@@ -35,8 +36,8 @@ class StandInClip:
 
     def encode_from_tokens_scheduled(self, tokens):
         g = torch.Generator().manual_seed(sum(map(ord, tokens["prompt"])))
-        return [[torch.randn(1, 8, CFG.context_in_dim, generator=g),
-                 {"pooled_output": torch.randn(1, CFG.vec_in_dim, generator=g)}]]
+        return [[torch.randn(1, 8, self.cfg.context_in_dim, generator=g),
+                 {"pooled_output": torch.randn(1, self.cfg.vec_in_dim, generator=g)}]]
 
 
 class StandInVae:
@@ -118,3 +119,10 @@ TINY_LOADERS = {
     "VAELoader": ("TinyFluxVae", _loader("VAE", StandInVae)),
     "LoadImage": ("TinyDemoImage", _loader("IMAGE", demo_image)),
 }
+
+
+def stand_in_encoders(cfg, vae=StandInVae) -> dict:
+    """Stand-ins for the text-encoder and VAE loaders that fit a Kontext of config cfg (same output types and slots)."""
+    return {"DualCLIPLoader": (f"StandInFluxClip{cfg.context_in_dim}x{cfg.vec_in_dim}",
+                               _loader("CLIP", lambda: StandInClip(cfg=cfg))),
+            "VAELoader": (f"StandIn{vae.__name__}", _loader("VAE", vae))}

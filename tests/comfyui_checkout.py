@@ -39,6 +39,8 @@ def import_comfyui() -> Path:
 
     if not torch.cuda.is_available():
         comfy.cli_args.args.cpu = True
+    import utils.install_util  # noqa: F401  ComfyUI's `utils` package, bound before its nodes.py puts comfy/ (and
+    # comfy/utils.py) first on sys.path, as its main.py does: its extra nodes import utils.install_util
     return path
 
 

@@ -6,7 +6,6 @@ nodes must be in the node library. Screenshots land in output/browser/ (the test
 Skips with the reason when ComfyUI, the frontend package, Playwright or Chromium is missing.
 """
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -21,8 +20,8 @@ from comfyui_checkout import find_comfyui
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "output" / "browser"
-PACK_NODES = ("KontextTRT_ModelInfo", "KontextTRT_BuildEngine", "KontextTRT_LoadQuantized", "KontextTRT_EditTurn",
-              "KontextTRT_EditHistory")
+PACK_NODES = ("KontextTRT_ModelInfo", "KontextTRT_BuildEngine", "KontextTRT_LoadQuantized",
+              "KontextTRT_ExportCheckpoint", "KontextTRT_EditTurn", "KontextTRT_EditHistory")
 pytestmark = pytest.mark.comfyui
 
 
@@ -46,11 +45,8 @@ def comfyui_server(tmp_path_factory):
     (base / "custom_nodes" / "comfyui-kontext-trt").symlink_to(ROOT, target_is_directory=True)
     port = _free_port()
     log = open(base / "comfyui.log", "w")
-    # Each ComfyUI pins its own frontend (0.3.64: 1.27.10, 0.8.0: 1.35.9); one venv can serve both checkouts with
-    # COMFYUI_FRONTEND_ROOT pointing at the other version's unpacked static folder.
-    front_end = ["--front-end-root", os.environ["COMFYUI_FRONTEND_ROOT"]] if os.environ.get("COMFYUI_FRONTEND_ROOT") else []
     proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--base-directory", str(base), "--disable-auto-launch", *front_end],
+                             "--base-directory", str(base), "--disable-auto-launch"],
                             cwd=comfy, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

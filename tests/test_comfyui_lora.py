@@ -269,6 +269,8 @@ def test_build_engine_bakes_the_models_loras_in_and_the_engine_says_so(setup, mo
     sha = meta["loras"][0]["sha256"][:12]
     with pytest.raises(ValueError, match=rf"built with LoRA baked in \(lora {sha} at strength 0.8 on 26 tensors"):
         setup["nodes"]["KontextTRT_LoadQuantized"].execute(engine_name, "auto", "tiny.safetensors")
+    with pytest.raises(ValueError, match=rf"built with LoRA baked in \(lora {sha} .*the export writes the checkpoint's"):
+        setup["nodes"]["KontextTRT_ExportCheckpoint"].execute(engine_name, "(engine's source)", "")
     backend_model = sys.modules[type(setup["load"]().model.diffusion_model).__module__]
     runner = TensorRTBackend(folder / engine_name, meta, import_tensorrt("tensorrt_rtx"),
                              KontextConfig.from_dict(meta["model_config"]))
