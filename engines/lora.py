@@ -197,8 +197,13 @@ class LoRAApplier:
         whatever was applied before. Raises before changing anything if a patch cannot be applied."""
         self.check({key: kp.patches for key, kp in patches.items()})
         with torch.inference_mode():
+            exact = self._exact_values({k: kp.exact for k, kp in patches.items() if not self.is_fp8(k)})
             self._apply_branches({k: kp.patches for k, kp in patches.items() if self.is_fp8(k)})
-            self._apply_exact({k: kp.exact for k, kp in patches.items() if not self.is_fp8(k)})
+            for key in [k for k in self._originals if k not in exact]:
+                self._tensor(key).copy_(self._originals.pop(key))
+            for key, (original, patched) in exact.items():
+                self._originals.setdefault(key, original)
+                self._tensor(key).copy_(patched)
         self.applied = applied_id if patches else None
 
     def remove(self) -> None:
@@ -217,17 +222,19 @@ class LoRAApplier:
             return getattr(fused, target.leaf)[start:start + fused.sizes[target.index]]
         return getattr(target.module, target.leaf)
 
-    def _apply_exact(self, exact: Mapping[str, Callable[[Tensor], Tensor]]) -> None:
-        for key in [k for k in self._originals if k not in exact]:
-            self._tensor(key).copy_(self._originals.pop(key))
+    def _exact_values(self, exact: Mapping[str, Callable[[Tensor], Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        """{key: (its unpatched value on the CPU, its patched value)}, every one computed before any is written."""
+        out = {}
         for key, fn in exact.items():
             tensor = self._tensor(key)
-            original = self._originals.setdefault(key, tensor.detach().to("cpu", copy=True))
+            original = self._originals.get(key)
+            original = tensor.detach().to("cpu", copy=True) if original is None else original
             patched = fn(original.to(tensor.device, copy=True))
             if tuple(patched.shape) != tuple(tensor.shape):
                 raise LoRAUnsupported(f"patch on {key}: it makes a {tuple(patched.shape)} tensor of the "
                                       f"{tuple(tensor.shape)} one (a reshaped weight cannot be applied here)")
-            tensor.copy_(patched)
+            out[key] = (original, patched)
+        return out
 
     def _apply_branches(self, patches: Mapping[str, Sequence[LowRankPatch]]) -> None:
         dtype = self.model.dtype

@@ -194,6 +194,11 @@ def test_a_patch_the_branch_cannot_express_is_refused_on_an_fp8_layer_and_applie
     with pytest.raises(LoRAUnsupported, match=r"lokr patch on single_blocks.0.linear2.weight: that layer is FP8"):
         applier.apply({"single_blocks.0.linear2.weight": lokr, "img_in.weight": lokr})
     assert applier.applied is None and torch.equal(model.img_in.weight, sd["img_in.weight"])  # nothing applied
+    reshaped = KeyPatches((InexpressiblePatch("diff"),), lambda w: torch.zeros(w.shape[0] + 1, w.shape[1]))
+    lora = key_patches(as_patches([random_lora(sd, ["single_blocks.0.linear2.weight"], 4, seed=1)], [1.0]), sd)
+    with pytest.raises(LoRAUnsupported, match=r"patch on img_in.weight: it makes a \(129, 64\) tensor of the \(128, 64\)"):
+        applier.apply({**lora, "img_in.weight": reshaped})
+    assert model.single_blocks[0].linear2.lora_down is None  # the valid LoRA was not applied either
     with pytest.raises(LoRAUnsupported, match=r"lokr patch on double_blocks.0.txt_mod.lin.weight: that layer is FP8"):
         applier.check({"double_blocks.0.txt_mod.lin.weight": [InexpressiblePatch("lokr")]})
     applier.apply({"img_in.weight": lokr, "single_blocks.0.linear2.bias": lokr,
