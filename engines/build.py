@@ -89,7 +89,8 @@ class StageRecorder:
 
 
 def engine_request(fingerprint: str, config, recipe: Recipe, profiles: Sequence[ShapeProfile],
-                   calibration: dict, trt: TensorRT, compute_capability: tuple[int, int] | None) -> EngineRequest:
+                   calibration: dict, trt: TensorRT, compute_capability: tuple[int, int] | None,
+                   loras: Sequence[dict] = ()) -> EngineRequest:
     from . import __version__
 
     if compute_capability is not None:
@@ -102,15 +103,16 @@ def engine_request(fingerprint: str, config, recipe: Recipe, profiles: Sequence[
     return EngineRequest(model_fingerprint=fingerprint, model_config=config.to_dict(),
                          recipe=recipe.to_json(), profiles=tuple(p.to_dict() for p in profiles), calibration=calibration,
                          tensorrt_flavour=trt.flavour, tensorrt_version=trt.version, target=target,
-                         pack_version=__version__)
+                         pack_version=__version__, loras=tuple(loras))
 
 
 def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], recipe: Recipe, profiles: Sequence[ShapeProfile],
                          samples: Sequence[EncodedPair], steps: int, store: EngineStore, *,
                          calibration_name: str = "custom", compute_capability: tuple[int, int] | None = None,
-                         keep_onnx: bool = False, low_vram: bool = False, device=None,
-                         calibrated_from: Path | None = None, progress: Progress | None = None,
-                         should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None) -> BuildResult:
+                         keep_onnx: bool = False, low_vram: bool = False, device=None, calibrated_from: Path | None = None,
+                         progress: Progress | None = None,
+                         should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None,
+                         source: dict | None = None, loras: Sequence[dict] = ()) -> BuildResult:
     """Build (or find) the engine for this model, recipe and profiles. weights: the transformer's weights
     (SourceWeights, or a state dict: ComfyUI's tensors, shared, never modified), 16-bit or FP8 per-tensor.
     An FP8 source is calibrated with its blocks dequantized one at a time, and keeps its own FP8 weights
@@ -120,15 +122,22 @@ def build_kontext_engine(weights: SourceWeights | Mapping[str, torch.Tensor], re
     export runs on the CPU (FP8 max calibration only: it never rewrites weights). device: where a file's tensors
     are read to (None: where the weights are, e.g. ComfyUI's tensors on its GPU). calibrated_from: an exported
     checkpoint (comfy_export.py) whose embedded state is used instead of calibrating; its recipe must be `recipe`.
+
+    LoRA baked in: `weights` are the patched ones (source_weights.with_patches, or ComfyUI's patched MODEL),
+    `source` describes the unpatched source (file, fingerprint) and `loras` what was applied (each a dict with
+    at least its hash and strength); both go into the request's key and the sidecar.
     """
     recipe.check_exportable()  # before any calibration work
     calibration = _calibration(samples, steps, calibration_name, calibrated_from, recipe)
     trt = trt or import_tensorrt()
+    if loras and source is None:
+        raise ValueError("build_kontext_engine: LoRAs baked in need the unpatched source's description (source=...)")
     if not isinstance(weights, SourceWeights):
         weights = from_state_dict(weights, name=None)  # no file: the sidecar records no source name
-    source = weights.describe()
+    source = source or weights.describe()
     model = transformer_from_source(weights, device=device)
-    request = engine_request(source["fingerprint"], model.config, recipe, profiles, calibration, trt, compute_capability)
+    request = engine_request(source["fingerprint"], model.config, recipe, profiles, calibration, trt, compute_capability,
+                             loras)
     name = request.name()  # refuses a recipe or profile name that would leave the store
     if store.root.is_dir():
         remove_abandoned_scratch(store.root)
@@ -216,7 +225,7 @@ def _build(remake, model, recipe: Recipe, profiles, samples, steps: int, store: 
             onnx_path, cfg_from(request), list(profiles), timing_cache=timing_cache, tmp_dir=scratch,
             compute_capability=compute_capability, progress=report("build_engine"), should_cancel=should_cancel, trt=trt))
         metadata = dict(
-            model_fingerprint=request.model_fingerprint, source=source, model_config=request.model_config,
+            model_fingerprint=request.model_fingerprint, source=source, loras=list(request.loras), model_config=request.model_config,
             recipe=json.loads(request.recipe), profiles=list(request.profiles), calibration=request.calibration,
             tensorrt={"flavour": trt.flavour, "version": trt.version}, target=request.target,
             build_gpu=_gpu_description(),

@@ -1,7 +1,7 @@
 """Engines on disk: `<name>.engine` plus a `<name>.json` sidecar that says everything about it.
 
-The sidecar records the source checkpoint (name, format, fingerprint of every weight) and the model
-config, the recipe, the shape profiles, the TensorRT flavour and version, the target GPU, the pack
+The sidecar records the source checkpoint (name, format, fingerprint of every weight), the LoRAs baked in
+(hash, strength), the model config, the recipe, the shape profiles, the TensorRT flavour and version, the target GPU, the pack
 version, the build time and the build's stage timings, and the engine's size and sha256. Both files
 are written inside the build's scratch folder and renamed into place, the engine first and the
 sidecar last: the loader accepts an engine only with a valid sidecar whose size and hash the engine
@@ -59,9 +59,13 @@ class EngineRequest:
     tensorrt_version: str
     target: str  # compute capability built for, e.g. "8.9", or "current GPU <name> 9.0"
     pack_version: str
+    loras: tuple[dict, ...] = ()  # LoRAs baked in (each one's hash and strength): other weights than the source's
 
     def key(self) -> str:
-        blob = json.dumps(self.__dict__, sort_keys=True, default=list)
+        fields = dict(self.__dict__)
+        if not fields["loras"]:
+            del fields["loras"]  # keys of engines without LoRA stay what they were before LoRAs were recorded
+        blob = json.dumps(fields, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def name(self) -> str:
@@ -70,7 +74,8 @@ class EngineRequest:
         profile = self.profiles[0]["name"] if self.profiles else "noprofile"
         check_safe_name(recipe["name"], "recipe name")
         check_safe_name(profile, "profile name")
-        return f"kontext_{recipe['name']}{attention}_{profile}_{self.key()[:10]}"
+        lora = "_lora" if self.loras else ""
+        return f"kontext_{recipe['name']}{attention}_{profile}{lora}_{self.key()[:10]}"
 
 
 # sha256 of engine files this process has hashed: (resolved path, size, mtime_ns, inode) -> hex digest

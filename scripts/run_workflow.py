@@ -26,6 +26,7 @@ LOADER_FILES = {"UNETLoader": [("diffusion_models", "unet_name")],
                 "DualCLIPLoader": [("text_encoders", "clip_name1"), ("text_encoders", "clip_name2")],
                 "VAELoader": [("vae", "vae_name")],
                 "KontextTRT_LoadQuantized": [("tensorrt", "engine"), ("diffusion_models", "checkpoint")],
+                "LoraLoaderModelOnly": [("loras", "lora_name")],
                 "LoadImage": [("input", "image")]}
 
 
@@ -71,7 +72,7 @@ def to_tiny(prompt: dict, steps: int) -> dict:
 
     sys.path.append(str(ROOT))  # engines/, last: ComfyUI's own `nodes` module must win over the pack's folder
     sys.path.insert(0, str(ROOT / "scripts"))
-    from tiny_kontext import TINY_LOADERS
+    from tiny_kontext import TINY_LOADERS, TinyKontextLora
 
     tiny = json.loads(json.dumps(prompt))
     for node in tiny.values():
@@ -79,6 +80,10 @@ def to_tiny(prompt: dict, steps: int) -> dict:
             name, cls = TINY_LOADERS[node["class_type"]]
             nodes.NODE_CLASS_MAPPINGS[name] = cls
             node["class_type"], node["inputs"] = name, {}
+        elif node["class_type"] == "LoraLoaderModelOnly":  # a random LoRA for the tiny model, at the chosen strength
+            nodes.NODE_CLASS_MAPPINGS[TinyKontextLora.__name__] = TinyKontextLora
+            node["class_type"] = TinyKontextLora.__name__
+            node["inputs"] = {k: v for k, v in node["inputs"].items() if k != "lora_name"}
         elif node["class_type"] == "KontextTRT_EditTurn":
             node["inputs"].update(steps=steps, resize="keep")
     return tiny

@@ -210,3 +210,13 @@ def test_headless_runner_executes_the_shipped_comparison_workflow_on_the_tiny_mo
     # two chains (original, quantized) x (3 turns + the history sheet)
     assert len(names) == 8 and sum(n.startswith("kontext_original_turn") for n in names) == 3, names
     assert any(n.startswith("kontext_quantized_history") for n in names)
+
+
+def test_headless_runner_executes_the_shipped_lora_workflow_on_the_tiny_model(executor, tmp_path, capsys):
+    """The LoRA workflow: its LoRA file is missing here too, so the tiny run applies a random LoRA to the tiny model
+    through ComfyUI's own LoRA loading, at the workflow's strength, between the loader and the turns."""
+    workflow = run_workflow.ROOT / "workflows" / "api" / "kontext_three_turn_edit_lora.json"
+    assert run_workflow.main([str(workflow), "--out", str(tmp_path), "--tiny-steps", "2"]) == 0
+    assert "loras/kontext_lora.safetensors" in capsys.readouterr().out
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(names) == 4 and sum(n.startswith("kontext_lora_turn") for n in names) == 3, names
