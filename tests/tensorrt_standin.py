@@ -176,11 +176,12 @@ def save_standin_engine(onnx_path: Path, store_root: Path, profiles: list[ShapeP
     (and the calibrated state beside it, named as the build names it; the sidecar names `checkpoint` as the source
     it was built from, with its fingerprint, as a build from that file does); returns (engine path, sidecar)."""
     from engines.engine_store import EngineRequest, EngineStore
+    from engines.scratch import Scratch
     from engines.source_weights import open_checkpoint
 
     proto = onnx.load(str(onnx_path))
     data = onnx_path.read_bytes()
-    source = {"name": None, "fingerprint": hashlib.sha256(data).hexdigest()}
+    source = {"name": None, "format": "stand-in (the exported ONNX)", "fingerprint": hashlib.sha256(data).hexdigest()}
     if checkpoint is not None:
         with open_checkpoint(checkpoint) as weights:
             source = weights.describe()
@@ -192,9 +193,12 @@ def save_standin_engine(onnx_path: Path, store_root: Path, profiles: list[ShapeP
     metadata = dict(model_fingerprint=source["fingerprint"], source=source, model_config=config.to_dict(),
                     recipe=json.loads(recipe.to_json()),
                     profiles=[p.to_dict() for p in profiles], tensorrt={"flavour": "tensorrt", "version": STANDIN_VERSION},
-                    target="stand-in", io=io)
+                    target="stand-in", io=io, calibration=dict(request.calibration), pack_version="test",
+                    built_at="stand-in")
     store = EngineStore(store_root)
-    path = store.save(request, data, metadata)
+    store_root.mkdir(parents=True, exist_ok=True)
+    with Scratch(store_root) as scratch:  # the store writes through a build's scratch folder, as a build does
+        path = store.save(request, data, metadata, scratch.path)
     if state is not None:
         (store_root / f"{path.stem}.calibration.safetensors").write_bytes(Path(state).read_bytes())
     return path, store.read_metadata(path)
