@@ -2,7 +2,7 @@
 
 Imports with neither ComfyUI nor CUDA; `nodes/` is the thin ComfyUI glue over this package.
 """
-__version__ = "0.1.0"  # the pack version, as in pyproject.toml
+__version__ = "0.2.0"  # the pack version, as in pyproject.toml
 
 from .config import KONTEXT_DEV, KontextConfig, tiny_config
 from .contract import INPUT_NAMES, OUTPUT_NAME, KontextInputError, check_inputs
