@@ -1,4 +1,4 @@
-"""What the kernel benchmarks share at the end of a run: the JSON the README quotes, and its rows as a
+"""What the kernel benchmarks share at the end of a run: the JSON the docs quote, and its rows as a
 Markdown table."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
         [--attention flashattention3|triton] [--checkpoint PATH] [--x-amax-over-std 20,100]
         [--w-amax-over-std 20,100] [--score-std 2,4] [--seconds 10]
 
-On the lent H100 the pack's step runs at the board's power limit (results/step_speed_fa3_power_h100.json),
+On the lent H100 the pack's step runs at the board's power limit (results/speed/step_speed_fa3_power_h100.json),
 so its time is bounded below by its energy over that limit, and a kernel that is faster at the same energy
 does not shorten it. This measures the energy. Each part runs back to back for --seconds (after warm-up),
 with NVML's energy counter (nvmlDeviceGetTotalEnergyConsumption, mJ) read before and after and the SM clock

@@ -14,7 +14,7 @@ cosine to ComfyUI BF16 eager, and the time to the first step (the first call, in
 attention kernel's autotuning and a CUDA graph's capture, with Inductor's graph cache off and an empty
 Triton cache unless --warm-caches). Each shape gets its own static graph unless --dynamo-defaults, which
 leaves Dynamo as the loader does (a dynamic-shape graph from the second shape on). No test asserts any of
-this; the README quotes the JSON.
+this; docs/speed.md quotes the JSON.
 
 Variants:
   comfy_bf16            ComfyUI's Flux (comfy.ldm.flux.model.Flux), BF16, eager: what KSampler runs

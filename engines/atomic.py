@@ -7,11 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename it into place."""
+def write_atomically(path: str | Path, write: Callable[[Path], None], tmp_dir: str | Path | None = None) -> Path:
+    """Call write(tmp) on a temporary file, fsync it, then rename it into place.
+
+    tmp_dir: where the temporary file is made (a scratch.Scratch folder on the same file system, so a process
+    killed mid-write leaves it where the next build removes it); beside `path` by default.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=tmp_dir or path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

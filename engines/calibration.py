@@ -30,7 +30,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 class CalibrationSetError(ValueError):
-    """A calibration set that cannot be read as pairs."""
+    """Calibration data that cannot be used: a set that cannot be read as pairs, an image that cannot be decoded,
+    an encoded pair with NaN or of the wrong shape, no pairs or no steps."""
 
 
 class CalibrationCancelled(RuntimeError):
@@ -53,10 +54,11 @@ def read_calibration_set(source: str | Path) -> list[CalibrationPair]:
             text = image.with_suffix(".txt")
             if not text.is_file():
                 raise CalibrationSetError(f"calibration set {source}: image {image.name} has no prompt file {text.name}")
-            pairs.append(CalibrationPair(image.stem, image, _prompt(text.read_text(), f"{source}/{text.name}")))
+            prompt = _prompt(_read_text(text), f"{source}/{text.name}")
+            pairs.append(CalibrationPair(image.stem, _checked_image(image), prompt))
     elif source.suffix == ".json" and source.is_file():
         try:
-            entries = json.loads(source.read_text())
+            entries = json.loads(_read_text(source))
         except json.JSONDecodeError as e:
             raise CalibrationSetError(f"calibration set {source}: not valid JSON ({e})") from e
         if not isinstance(entries, list):
@@ -64,18 +66,44 @@ def read_calibration_set(source: str | Path) -> list[CalibrationPair]:
                                       f'{{"image": ..., "prompt": ...}}, got {type(entries).__name__}')
         pairs = []
         for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or not {"image", "prompt"} <= set(entry):
-                raise CalibrationSetError(f"calibration set {source}: entry {i} needs 'image' and 'prompt', got {entry!r}")
+            if not isinstance(entry, dict) or not {"image", "prompt"} <= set(entry) or not isinstance(entry["image"], str):
+                raise CalibrationSetError(f"calibration set {source}: entry {i} needs 'image' (a path) and 'prompt', "
+                                          f"got {entry!r}")
             image = (source.parent / entry["image"]).resolve()
             if not image.is_file():
                 raise CalibrationSetError(f"calibration set {source}: entry {i} image {entry['image']!r} does not exist")
-            pairs.append(CalibrationPair(image.stem, image, _prompt(entry["prompt"], f"{source} entry {i}")))
+            prompt = _prompt(entry["prompt"], f"{source} entry {i}")
+            pairs.append(CalibrationPair(image.stem, _checked_image(image), prompt))
     else:
         raise CalibrationSetError(f"calibration set: expected a folder of image + .txt pairs or a .json list, got {source}")
     if not pairs:
         raise CalibrationSetError(f"calibration set {source}: no image + prompt pairs found "
                                   f"(images: {', '.join(IMAGE_SUFFIXES)})")
     return pairs
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CalibrationSetError(f"calibration set: {path}: expected UTF-8 text, cannot read it ({e})") from None
+
+
+def _checked_image(path: Path) -> Path:
+    """Decode the image once now, so a damaged one is named here and not found by the encoder mid-build (Pillow's
+    own 'image file is truncated' names no file)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            width, height = img.size
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise CalibrationSetError(f"calibration set: image {path}: expected a readable PNG / JPEG / WebP image, "
+                                  f"got one Pillow cannot decode ({e})") from None
+    if not width or not height:
+        raise CalibrationSetError(f"calibration set: image {path}: expected a non-empty image, got {width}x{height}")
+    return path
 
 
 def _prompt(text, where: str) -> str:
@@ -104,19 +132,23 @@ DEFAULT_EDITS = [
 
 def write_default_calibration_set(dest: str | Path, size: int = 1024, seed: int = 0) -> Path:
     """Draw the pack's default calibration set (Pillow shapes: scenes Kontext users edit) into dest."""
-    from PIL import Image, ImageDraw
-
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i, (scene, prompt) in enumerate(DEFAULT_EDITS):
-        img = Image.new("RGB", (size, size))
-        draw = ImageDraw.Draw(img)
-        _draw_scene(draw, scene, size, rng)
         name = f"{i:02d}_{scene}"
-        img.save(dest / f"{name}.png")
+        draw_scene(scene, size, rng).save(dest / f"{name}.png")
         (dest / f"{name}.txt").write_text(prompt + "\n")
     return dest
+
+
+def draw_scene(scene: str, size: int, rng: random.Random):
+    """One scene of the default set (see DEFAULT_EDITS), drawn with Pillow: a size x size RGB image."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size))
+    _draw_scene(ImageDraw.Draw(img), scene, size, rng)
+    return img
 
 
 def _draw_scene(draw, scene: str, s: int, rng: random.Random) -> None:
@@ -179,6 +211,7 @@ class EncodedPair:
     y: Tensor  # [1, vec]
     reference: Tensor  # [1, N_ref, in_channels], packed like ComfyUI packs a reference latent
     reference_grid: tuple[int, int]  # token rows, cols of the reference (the target has the same grid)
+    name: str = ""  # the pair's name in its set, for messages
 
 
 class StandInEncoder:
@@ -196,18 +229,41 @@ class StandInEncoder:
         self.projection = torch.randn(3 * 4, cfg.in_channels, generator=g) / math.sqrt(12)
 
     def __call__(self, pair: CalibrationPair, size: int) -> EncodedPair:
-        import numpy as np
         from PIL import Image
 
+        reference, grid = self.encode_image(Image.open(pair.image), size)
+        txt, y = self.encode_prompt(pair.prompt)
+        return EncodedPair(txt=txt, y=y, reference=reference, reference_grid=grid, name=pair.name)
+
+    def encode_image(self, image, size: int) -> tuple[Tensor, tuple[int, int]]:
+        """A PIL image, resized to size x size pixels' token grid -> tokens [1, rows*cols, in_channels], (rows, cols)."""
+        import numpy as np
+
         rows, cols = tokens_for_pixels(size, size)
-        img = Image.open(pair.image).convert("RGB").resize((cols * 2, rows * 2))
+        img = image.convert("RGB").resize((cols * 2, rows * 2))
         px = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1)  # [2r, 2c, 3]
         cells = px.reshape(rows, 2, cols, 2, 3).permute(0, 2, 1, 3, 4).reshape(rows * cols, 12)
-        seed = int.from_bytes(hashlib.sha256(pair.prompt.encode()).digest()[:4], "little")
+        return (cells @ self.projection)[None] * 2.0, (rows, cols)
+
+    def encode_prompt(self, prompt: str) -> tuple[Tensor, Tensor]:
+        """Text states [1, n_txt, context] and pooled vector [1, vec], seeded by a hash of the prompt."""
+        seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
         g = torch.Generator().manual_seed(seed)
-        return EncodedPair(txt=torch.randn(1, self.n_txt, self.cfg.context_in_dim, generator=g),
-                           y=torch.randn(1, self.cfg.vec_in_dim, generator=g),
-                           reference=(cells @ self.projection)[None] * 2.0, reference_grid=(rows, cols))
+        return (torch.randn(1, self.n_txt, self.cfg.context_in_dim, generator=g),
+                torch.randn(1, self.cfg.vec_in_dim, generator=g))
+
+    def decode(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """encode_image's least-squares inverse: tokens [1, rows*cols, in_channels] -> an IMAGE [1, 2*rows,
+        2*cols, 3] in 0..1 (two pixels per token side). Exact on what encode_image made; on anything else,
+        the colours nearest to it in the projection's span. Not a VAE decoder: it lets a run without one
+        show its latents as pictures."""
+        rows, cols = grid
+        if tokens.shape[1:] != (rows * cols, self.cfg.in_channels):
+            raise ValueError(f"tokens: expected [1, {rows * cols}, {self.cfg.in_channels}] for a {rows}x{cols} grid, "
+                             f"got {list(tokens.shape)}")
+        cells = (tokens[0].float().cpu() / 2.0) @ torch.linalg.pinv(self.projection)  # [rows*cols, 12]
+        px = cells.reshape(rows, cols, 2, 2, 3).permute(0, 2, 1, 3, 4).reshape(rows * 2, cols * 2, 3)
+        return ((px + 1) / 2).clamp(0, 1)[None]
 
 
 def calibration_forward_loop(samples: Sequence[EncodedPair], steps: int, guidance: float = 2.5, seed: int = 0,
@@ -219,10 +275,7 @@ def calibration_forward_loop(samples: Sequence[EncodedPair], steps: int, guidanc
     progress(done, total) is called after each pair; should_cancel() is checked before each pair
     and raises CalibrationCancelled, which leaves no calibrated state behind.
     """
-    if steps < 1:
-        raise ValueError(f"steps: expected at least 1 sampling step per calibration pair, got {steps}")
-    if not samples:
-        raise ValueError("samples: expected at least one encoded calibration pair, got none")
+    check_encoded_pairs(samples, steps)
 
     def forward_loop(model) -> None:
         param = next(model.parameters())
@@ -234,12 +287,59 @@ def calibration_forward_loop(samples: Sequence[EncodedPair], steps: int, guidanc
             n_target = grid[0] * grid[1]
             ids = edit_ids(grid, [grid])[None].to(device)
             txt = s.txt.to(device, dtype)
-            euler_edit(model, txt, torch.zeros(1, txt.shape[1], 3, device=device), s.y.to(device, dtype),
-                       s.reference.to(device, dtype), ids, n_target, steps, guidance, seed + i)
+            try:
+                euler_edit(model, txt, torch.zeros(1, txt.shape[1], 3, device=device), s.y.to(device, dtype),
+                           s.reference.to(device, dtype), ids, n_target, steps, guidance, seed + i)
+            except AssertionError as e:  # ModelOpt's max calibrator asserts on NaN / inf activations, naming nothing
+                if "nan" not in str(e) and "inf" not in str(e):
+                    raise
+                raise CalibrationSetError(
+                    f"calibration pair {_pair_name(i, s)}: the model's activations became NaN or infinite in {dtype} "
+                    f"on this pair (ModelOpt: {e}); its weights and this pair's tensors are finite, so they overflow "
+                    "here: check the model and the pair") from None
             if progress is not None:
                 progress(i + 1, len(samples))
 
     return forward_loop
+
+
+def _pair_name(i: int, pair: EncodedPair) -> str:
+    return f"{i}" + (f" ({pair.name})" if pair.name else "")
+
+
+def check_encoded_pairs(samples: Sequence[EncodedPair], steps: int) -> None:
+    """Before calibrating: at least one pair and one step, each pair's tensors finite and of the contract's shapes
+    (NaN in one pair otherwise surfaces as ModelOpt's 'detected nan values in amax', naming no pair)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise CalibrationSetError(f"steps: expected at least 1 sampling step per calibration pair, got {steps!r}")
+    if not samples:
+        raise CalibrationSetError("samples: expected at least one encoded calibration pair, got none")
+    for i, s in enumerate(samples):
+        rows, cols = s.reference_grid
+        shapes = {"txt": (s.txt, 3, None), "y": (s.y, 2, None), "reference": (s.reference, 3, rows * cols)}
+        for field, (t, ndim, tokens) in shapes.items():
+            if not torch.is_tensor(t) or t.ndim != ndim or t.shape[0] != 1 or 0 in t.shape \
+                    or (tokens is not None and t.shape[1] != tokens):
+                got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                raise CalibrationSetError(f"calibration pair {_pair_name(i, s)}: {field}: expected a non-empty tensor of "
+                                          f"{ndim} dims, batch 1{f', {tokens} tokens' if tokens else ''}, got {got}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CalibrationSetError(f"calibration pair {_pair_name(i, s)}: {field}: expected finite values, got "
+                                          f"{int((~torch.isfinite(t)).sum())} NaN or infinite; its image or prompt "
+                                          "encoded to NaN: replace the pair")
+
+
+def calibration_content_hash(samples: Sequence[EncodedPair]) -> str:
+    """sha256 of what calibration sees: every pair's tensors (shape, dtype, bytes) and grid, in order. A set edited
+    in place (same folder, same count) or encoded by another CLIP or VAE hashes differently."""
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(repr(tuple(s.reference_grid)).encode())
+        for t in (s.txt, s.y, s.reference):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{tuple(t.shape)}|{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def default_encoded_pairs(cfg: KontextConfig, size: int = 1024, n_txt: int = 512) -> list[EncodedPair]:

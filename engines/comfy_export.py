@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .atomic import write_atomically
 from .calibrated_state import PACK_KEY, STATE_FORMAT, read_calibrated
 from .fp8 import FP8, FP8_MAX, quantize_fp8
+from .scratch import Scratch, remove_abandoned_scratch
 from .source_weights import FP8Weight, SourceWeights
 from .transformer import KontextTransformer
 
@@ -207,7 +208,11 @@ def export_comfy_checkpoint(weights: SourceWeights, state_path, path, source: di
     metadata = {"format": EXPORT_FORMAT, "_quantization_metadata": json.dumps({"format_version": "1.0",
                                                                                "layers": layers_meta}),
                 PACK_KEY: json.dumps(pack)}
-    return write_atomically(path, lambda tmp: write_safetensors(tmp, entries, metadata))
+    # 12-24 GB written in a scratch folder beside the file: one killed mid-write is removed by the next export or
+    # ComfyUI's start (scratch.py), not left as a hidden .partial for good.
+    remove_abandoned_scratch(Path(path).parent)
+    with Scratch(Path(path).parent) as scratch:
+        return write_atomically(path, lambda tmp: write_safetensors(tmp, entries, metadata), tmp_dir=scratch.path)
 
 
 def _sixteen_bit(weights: SourceWeights, key: str) -> Entry:
@@ -265,7 +270,7 @@ def is_exported_checkpoint(path) -> bool:
         return False
 
 
-def write_state_from_checkpoint(path, state_path) -> Path:
+def write_state_from_checkpoint(path, state_path, tmp_dir=None) -> Path:
     """The calibrated state embedded in an exported checkpoint, as a state file the build resumes from."""
     from safetensors.torch import save_file
 
@@ -275,4 +280,4 @@ def write_state_from_checkpoint(path, state_path) -> Path:
     metadata = {"format": STATE_FORMAT, "recipe": recipe.to_json(), "recipe_source": str(path),
                 "kontext_config": json.dumps(config.to_dict(), sort_keys=True), "pack_version": __version__}
     tensors = {k: v.contiguous() for k, v in amax.items()}
-    return write_atomically(state_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return write_atomically(state_path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), tmp_dir=tmp_dir)

@@ -34,6 +34,7 @@ def check_inputs(cfg: KontextConfig, img: Tensor, img_ids: Tensor, txt: Tensor, 
     need(img.ndim == 3 and img.shape[-1] == cfg.in_channels, "img",
          f"[B, N, {cfg.in_channels}] (B batch, N image tokens, 16 latent channels x 2x2 patch)", _shape(img))
     batch, n_img = img.shape[0], img.shape[1]
+    need(batch > 0, "img", "a batch of at least one sample", _shape(img))
     need(n_img > 0, "img", "at least one image token", _shape(img))
     need(img_ids.ndim == 3 and tuple(img_ids.shape) == (batch, n_img, 3), "img_ids",
          f"[B, N, 3] = ({batch}, {n_img}, 3) to match img", _shape(img_ids))
@@ -41,6 +42,7 @@ def check_inputs(cfg: KontextConfig, img: Tensor, img_ids: Tensor, txt: Tensor, 
          f"[B, T, {cfg.context_in_dim}] (T text tokens)", _shape(txt))
     need(txt.shape[0] == batch, "txt", f"batch {batch} to match img", f"batch {txt.shape[0]}")
     n_txt = txt.shape[1]
+    need(n_txt > 0, "txt", "at least one text token (an empty prompt still encodes to T5's padding tokens)", _shape(txt))
     need(txt_ids.ndim == 3 and tuple(txt_ids.shape) == (batch, n_txt, 3), "txt_ids",
          f"[B, T, 3] = ({batch}, {n_txt}, 3) to match txt", _shape(txt_ids))
     need(timesteps.ndim == 1 and timesteps.shape[0] == batch, "timesteps",

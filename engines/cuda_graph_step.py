@@ -9,8 +9,8 @@ input shape leaves one replay per step and copies only the step's inputs.
 Only small steps are replayed (max_tokens, batch x tokens): on lent H100s a compiled 512^2 step took
 37.9-50.7 ms run to run and its replay 32.4-34.9 ms, 512^2 + reference was a wash (52.7 / 51.6 against
 55.4 / 50.3 ms), and from 4608 tokens on, where the GPU never waits on Python, replays measured 0-3%
-slower than launching the same kernels (benchmarks/results/step_speed_sweep_h100.json and
-step_speed_graph_threshold_h100.json), so larger steps run the model directly.
+slower than launching the same kernels (benchmarks/results/speed/step_speed_sweep_h100.json and
+benchmarks/results/speed/step_speed_graph_threshold_h100.json), so larger steps run the model directly.
 
 A graph holds the addresses of the weights it read: when the model's tensors move (ComfyUI offloads and
 reloads models), its graphs are captured again.

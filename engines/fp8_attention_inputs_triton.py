@@ -98,7 +98,7 @@ def fp8_attention_inputs_kernel(Q, K, V, QNorm, KNorm, PE, Scales, Q8, K8, Vt8,
 
 # Tile configs (BLOCK_L tokens, HEADS_PER_PROGRAM, num_warps), fixed rather than autotuned: autotuning eight
 # candidates added ~20 s to the first step. On an H100 at 8704 tokens (benchmarks/attention_inputs_speed.py
-# --more-configs, results/attention_inputs_speed_h100.json) these were the fastest for a double block and within
+# --more-configs, results/kernels/attention_inputs_speed_h100.json) these were the fastest for a double block and within
 # 6% of the fastest for a single one; Q and K run fastest in tiles of 16 tokens, V (its transposed rows are
 # stored a tile wide) in tiles of 32. One launch writing all three took 7.3 ms of a step's profile, the two 6.4.
 QK_CONFIG = dict(BLOCK_L=16, HEADS_PER_PROGRAM=8, num_warps=8)

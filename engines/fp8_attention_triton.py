@@ -109,7 +109,7 @@ def fp8_attention_kernel(Q, K, Vt, O, Scales, sm_scale_log2, seq_len, num_heads,
 
 # Candidates for the autotuner (best kept per sequence length and head width, timed at the first call).
 # On an H100 at 8704 tokens 64 x 128 tiles, 4 warps, 3 stages are fastest (1.248 ms; the others 1.37-2.7 ms,
-# benchmarks/results/attention_speed_fewer_ops_experiment_h100.json). On Hopper (wgmma) 3 stages of 64 x 128 take
+# benchmarks/results/kernels/attention_speed_fewer_ops_experiment_h100.json). On Hopper (wgmma) 3 stages of 64 x 128 take
 # 104 KB of shared memory, 128 x 128 112 KB. For RTX 40xx / 50xx (sm_89 / sm_120, 99 KB a block) Triton lowers
 # them to mma.sync in at most 96 KB, so every config fits there too, but the 128-key ones spill registers
 # (8-640 bytes) and 128 x 64 with 8 warps does not (scripts/kernel_targets.py: compiled ahead of time on the

@@ -7,7 +7,7 @@ Written by hand because Inductor's kernel for the same PyTorch (gelu_tanh_as_sig
 quantization) walks the output as one flat index, dividing it by the row width for every element; this one
 walks [rows, columns] tiles. On an H100 at 8704 tokens: 143.8 against 182.6 us for the single blocks' tensor,
 111.4 against 128.4 us for the double blocks' (8192 tokens), 280.4 against 456.9 us at batch 2, with the same
-FP8 bytes (benchmarks/results/gelu_fp8_speed_h100.json); 7.3 against 10.6 ms of a step's kernels. Imported
+FP8 bytes (benchmarks/results/kernels/gelu_fp8_speed_h100.json); 7.3 against 10.6 ms of a step's kernels. Imported
 only where Triton is.
 
 GELU is the tanh approximation (FLUX's), computed as x * sigmoid(2 z) = x * (1 + tanh(z)) / 2 in FP32,

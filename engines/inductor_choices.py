@@ -5,7 +5,7 @@ Inductor makes a reduction persistent (each row held in registers, read once) on
 blocks' LayerNorms (+ modulation + FP8 quantization) reduce over 3072 channels, so by default they loop
 over each row twice. Persistent, those kernels took 4.1 against 7.1 ms of an H100 step at 8704 tokens
 (then chosen by Inductor's multi-kernel, which compiles both forms and times them:
-benchmarks/results/step_speed_reduction_choice_h100.json). Multi-kernel itself cannot stay: torch 2.11
+benchmarks/results/speed/step_speed_reduction_choice_h100.json). Multi-kernel itself cannot stay: torch 2.11
 fails to load a cached multi-kernel graph in the next process ("'NoneType' object does not support the
 context manager protocol"), and with Inductor's graph cache off instead every ComfyUI start lowers the
 blocks again (first step 9.6 against 3.9 s in a second process on the H100). This asks for persistent rows

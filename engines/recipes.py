@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,11 @@ from .quant_formats import CUDA_ONLY_FORMATS, FORMATS
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "quant_configs"
 RECIPE_FORMAT = "kontext-trt-recipe/1"
-# ModelOpt calibration algorithms a recipe may name, with the options each takes (and their types).
-ALGORITHMS = {"max": {}, "mse": {"fp8_scale_sweep": bool}, "svdquant": {"lowrank": int}}
+# ModelOpt calibration algorithms a recipe may name, with the options each takes: (type, range check, what is expected).
+ALGORITHMS = {"max": {}, "mse": {"fp8_scale_sweep": (bool, None, "true or false")},
+              "svdquant": {"lowrank": (int, lambda v: 1 <= v <= 4096, "a rank from 1 to 4096")}}
+# A recipe's name becomes part of its engines' file names.
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 GEMM_ROLES = ("weights", "activations")
 ATTENTION_ROLES = ("q", "k", "v", "softmax_output")
 # Our Attention module's quantizers carry ModelOpt's own names for them (its diffusers plugin uses
@@ -130,6 +134,30 @@ class Recipe:
             algorithm["skip_layers"] = [p for p, *_ in self.gemm_overrides + self.weight_only]
         return {"quant_cfg": entries, "algorithm": algorithm}
 
+    def calibrated_quantizers(self, model: nn.Module) -> list[str]:
+        """The quantizers of `model` (full module names) that calibration gives an amax, decided from the config
+        modelopt_config hands ModelOpt, applied as ModelOpt applies it (the last entry whose pattern matches a
+        quantizer's name sets it): enabled, neither dynamic nor of a constant range. A saved calibrated state is
+        checked against this list without ModelOpt (the PyTorch backend runs without it)."""
+        from .transformer import Attention
+
+        names = []
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear):
+                names += [f"{name}.weight_quantizer", f"{name}.input_quantizer"]
+            elif isinstance(module, Attention):
+                names += [f"{name}.{quantizer}" for quantizer in ATTENTION_QUANTIZERS.values()]
+        entries = self.modelopt_config(model)["quant_cfg"]
+        calibrated = []
+        for quantizer in names:
+            cfg = None
+            for entry in entries:
+                if fnmatch.fnmatchcase(quantizer, entry["quantizer_name"]):
+                    cfg = None if entry.get("enable") is False else entry["cfg"]
+            if cfg is not None and cfg.get("type") != "dynamic" and "constant_amax" not in cfg:
+                calibrated.append(quantizer)
+        return calibrated
+
 
 def _attrs(fmt: str) -> dict:
     attrs = copy.deepcopy(FORMATS[fmt])
@@ -164,7 +192,8 @@ def parse_recipe(data: dict, source: str, attention: bool = True) -> Recipe:
         name = f"{where}{key}"
         if not isinstance(obj, dict) or key not in obj:
             raise RecipeError(f"{source}: missing field {name!r}")
-        if not isinstance(obj[key], kind):
+        # bool is an int to Python; `lowrank: true` is not a rank
+        if not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
             raise RecipeError(f"{source}: field {name!r} must be {getattr(kind, '__name__', kind)}, "
                               f"got {type(obj[key]).__name__}")
         return obj[key]
@@ -186,8 +215,10 @@ def parse_recipe(data: dict, source: str, attention: bool = True) -> Recipe:
     extra = set(algorithm) - {"method"} - set(ALGORITHMS[method])
     if extra:
         raise RecipeError(f"{source}: field 'algorithm' has unknown keys {sorted(extra)} for {method!r}")
-    for key, kind in ALGORITHMS[method].items():
-        field(algorithm, key, kind, "algorithm.")
+    for key, (kind, ok, expected) in ALGORITHMS[method].items():
+        value = field(algorithm, key, kind, "algorithm.")
+        if ok is not None and not ok(value):
+            raise RecipeError(f"{source}: field 'algorithm.{key}' must be {expected}, got {value!r}")
 
     gemm_obj = field(data, "gemm", dict)
     gemm = {role: fmt(gemm_obj, role, "gemm.") for role in GEMM_ROLES}
@@ -211,7 +242,11 @@ def parse_recipe(data: dict, source: str, attention: bool = True) -> Recipe:
         major, minor = (int(x) for x in cc.split("."))
     except ValueError:
         raise RecipeError(f"{source}: field 'min_compute_capability' must look like '8.9', got {cc!r}") from None
-    return Recipe(name=field(data, "name", str), source=source, description=field(data, "description", str),
+    name = field(data, "name", str)
+    if not RECIPE_NAME.fullmatch(name):
+        raise RecipeError(f"{source}: field 'name' must be letters, digits, '_' and '-' (at most 64; it names the "
+                          f"engine files), got {name!r}")
+    return Recipe(name=name, source=source, description=field(data, "description", str),
                   min_compute_capability=(major, minor), algorithm=dict(algorithm), gemm=gemm,
                   attention=attention_cfg if attention else None, keep_16bit=keep,
                   weight_only=weight_only, gemm_overrides=overrides)

@@ -5,8 +5,8 @@ input; how to split a batch no profile takes) is plain logic here, tested withou
 that touches TensorRT is kept thin and written to TensorRT's documented Python API (Runtime,
 deserialize_cuda_engine, create_execution_context, set_optimization_profile_async, set_input_shape,
 set_tensor_address, execute_async_v3). NOT RUN ON A GPU YET: no GPU available to this project runs a
-TensorRT engine (see README). On the CPU, its execute path runs end to end against a stand-in engine that
-computes the exported graph with ONNX Runtime (tests/tensorrt_standin.py; docs/tensorrt.md).
+TensorRT engine (docs/building-engines.md). On the CPU, its execute path runs end to end against a stand-in
+engine that computes the exported graph with ONNX Runtime (tests/tensorrt_standin.py; docs/tensorrt.md).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import KontextConfig
 from .contract import INPUT_NAMES, OUTPUT_NAME, check_inputs
+from .engine_store import verify_engine
 from .shape_profiles import ProfileError, ShapeProfile
 from .tensorrt_runtime_cache import RuntimeCacheFile
 
@@ -85,6 +86,7 @@ class TensorRTBackend(nn.Module):
         super().__init__()
         self.config = config
         self.engine_path = Path(engine_path)
+        self.meta = meta
         self.profiles = [ShapeProfile(p["name"], tuple(p["batch"]), tuple(p["image_tokens"]), tuple(p["text_tokens"]))
                          for p in meta["profiles"]]
         self.io_dtypes = {name: TORCH_DTYPES[v["dtype"]] for name, v in meta["io"].items()}
@@ -99,6 +101,9 @@ class TensorRTBackend(nn.Module):
     def _ensure_loaded(self) -> None:
         if self._context is not None:
             return
+        # Loaded again after every unload, maybe much later: the file must still be the one the sidecar describes
+        # (a rebuild replaces it under the same name). Its hash is remembered, so this costs a stat.
+        verify_engine(self.engine_path, self.meta)
         # Mapped, not read: a full-size engine (~12 GB) would otherwise be copied into ComfyUI's memory before
         # TensorRT copies it to the GPU; the binding takes any buffer.
         with open(self.engine_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:

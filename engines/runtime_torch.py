@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibrated_state import read_calibrated
+from .calibrated_state import check_calibrated_state
 from .fp8 import FP8, FP8_MAX, fp8_tensor_cores, quantize_fp8
 from .fp8_attention import FP8Attention
 from .fp8_attention_fa3 import resolve_fa3_library
@@ -45,6 +45,8 @@ class FP8Linear(nn.Module):
     """y = (x quantized to FP8 with input_scale) @ (FP8 weight * weight_scale)^T + bias.
 
     input_scale None: weight-only (16-bit activations), as the recipes use for the modulation GEMMs.
+    lora_down [R, in] / lora_up [out, R] (16-bit, set by lora.LoRAApplier): a low-rank branch on the 16-bit x,
+    added to the output (the LoRAs applied to this layer, their strengths folded into lora_up).
     """
 
     def __init__(self, weight_fp8: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor | None):
@@ -53,8 +55,14 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.float().reshape(()))
         self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("lora_down", None)
+        self.register_buffer("lora_up", None)
 
     def forward(self, x: Tensor) -> Tensor:
+        out = self.fp8_forward(x)
+        return out if self.lora_down is None else out + self.lora(x)
+
+    def fp8_forward(self, x: Tensor) -> Tensor:
         if self.input_scale is not None and fp8_tensor_cores(x.device):
             shape = x.shape
             out = self.matmul_fp8(quantize_fp8(x.reshape(-1, shape[-1]), self.input_scale), x.dtype)
@@ -63,6 +71,10 @@ class FP8Linear(nn.Module):
             return weight_only_fp8_linear(x, self.weight, self.weight_scale, self.bias)
         x = (quantize_fp8(x, self.input_scale).float() * self.input_scale).to(x.dtype)
         return F.linear(x, (self.weight.float() * self.weight_scale).to(x.dtype), self.bias)
+
+    def lora(self, x: Tensor) -> Tensor:
+        """The low-rank branch's output for the layer's 16-bit input x (lora_down must be set)."""
+        return F.linear(F.linear(x, self.lora_down.to(x.dtype)), self.lora_up.to(x.dtype))
 
     def matmul_fp8(self, x8: Tensor, out_dtype: torch.dtype) -> Tensor:
         """x8 [rows, in_features], already FP8 at input_scale -> [rows, out_features] (FP8 tensor cores)."""
@@ -112,7 +124,8 @@ class FusedModulation(nn.Module):
     All of them read the same SiLU(vec): on GPUs with FP8 tensor cores one kernel (`fp8_gemv_triton.py`)
     reads the 3.2 GB of FP8 weights once per step, where 57 per-block reductions read them at a quarter of
     an H100's bandwidth (4.4 ms of a 200 ms step). Holds the only copy of those weights; each row keeps
-    its layer's scale. Elsewhere each layer's slice runs as FP8Linear would.
+    its layer's scale. Elsewhere each layer's slice runs as FP8Linear would. lora_down [layers x R, in] /
+    lora_up [rows, R] (set by lora.LoRAApplier): each layer's low-rank branch, R columns per layer.
     """
 
     def __init__(self, weight_fp8: Tensor, layers: list[FP8Linear]):
@@ -123,13 +136,22 @@ class FusedModulation(nn.Module):
         self.register_buffer("row_scales", torch.repeat_interleave(self.scales, torch.tensor(self.sizes,
                                                                                          device=weight_fp8.device)))
         self.register_buffer("bias", torch.cat([layer.bias for layer in layers]))
+        self.register_buffer("lora_down", None)
+        self.register_buffer("lora_up", None)
 
     def forward(self, vec: Tensor) -> list[Tensor]:
         x = F.silu(vec)
         if x.shape[0] <= GEMV_ROWS and triton_fp8_kernels_available(x.device):
-            return list(fused_fp8_gemv(x, self.weight, self.row_scales, self.bias).split(self.sizes, dim=-1))
-        return [weight_only_fp8_linear(x, w, scale, b)
-                for w, scale, b in zip(self.weight.split(self.sizes), self.scales, self.bias.split(self.sizes))]
+            outs = list(fused_fp8_gemv(x, self.weight, self.row_scales, self.bias).split(self.sizes, dim=-1))
+        else:
+            outs = [weight_only_fp8_linear(x, w, scale, b)
+                    for w, scale, b in zip(self.weight.split(self.sizes), self.scales, self.bias.split(self.sizes))]
+        if self.lora_down is None:
+            return outs
+        # All layers read the same x: one GEMM makes every layer's rank-R projection, then each its own up.
+        hidden = F.linear(x, self.lora_down.to(x.dtype)).chunk(len(self.sizes), dim=-1)
+        ups = self.lora_up.to(x.dtype).split(self.sizes)
+        return [out + F.linear(h, up) for out, h, up in zip(outs, hidden, ups)]
 
 
 class ComputedByFusedModulation(nn.Module):
@@ -200,7 +222,12 @@ def fused_gelu_linear(linear: FP8Linear, hidden: Tensor, prefix: Tensor | None =
     x8 = fused_gelu_fp8(hidden.reshape(-1, hidden.shape[-1]), linear.input_scale,
                         None if prefix is None else prefix.reshape(-1, prefix.shape[-1]))
     out = linear.matmul_fp8(x8, hidden.dtype)
-    return out.reshape(*hidden.shape[:-1], out.shape[-1])
+    out = out.reshape(*hidden.shape[:-1], out.shape[-1])
+    if linear.lora_down is None:
+        return out
+    # The fused kernel's 16-bit input is never materialized; the branch needs it (the kernel's GELU is this one).
+    x = F.gelu(hidden, approximate="tanh")
+    return out + linear.lora(x if prefix is None else torch.cat((prefix, x), dim=-1))
 
 
 class FP8GELUMLP(nn.Sequential):
@@ -267,11 +294,14 @@ def load_fp8_transformer(weights: SourceWeights | Callable[[str], Tensor], state
     one FusedModulation, unless fuse_modulation=False.
     """
     fa3_library = resolve_fa3_library(attention_kernel, torch.device(device))  # a bad choice fails before any load
-    get_tensor = weights.get if isinstance(weights, SourceWeights) else weights
-    recipe, config, amax = read_calibrated(state_path)  # a state file, or an exported checkpoint's header
+    # Every quantizer the recipe calibrates has a finite, positive amax, or this raises naming it: a missing input
+    # amax would otherwise run that layer with 16-bit activations, a NaN one give NaN images.
+    state = check_calibrated_state(state_path)  # a state file, or an exported checkpoint's header
+    recipe, config, amax = state.recipe, state.config, state.amax
     if not runs_recipe(recipe):
         raise BackendError(f"{state_path}: the PyTorch backend runs the fp8 recipe; this state is {recipe.name} "
                            f"({recipe.gemm['weights']}): use its TensorRT engine")
+    get_tensor = _named_reads(weights.get if isinstance(weights, SourceWeights) else weights)
 
     with torch.device("meta"):
         model = KontextTransformer(config, dtype=dtype)
@@ -340,6 +370,22 @@ def load_fp8_transformer(weights: SourceWeights | Callable[[str], Tensor], state
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, nn.Parameter(get_tensor(name).to(device, dtype), requires_grad=False))
     return model.eval().requires_grad_(False)
+
+
+def _named_reads(get_tensor: Callable[[str], Tensor]) -> Callable[[str], Tensor]:
+    """get_tensor whose failures (a key the checkpoint lacks, a file cut short) name the key and what to do."""
+    from safetensors import SafetensorError
+
+    def read(key: str) -> Tensor:
+        try:
+            t = get_tensor(key)
+        except (SafetensorError, KeyError, OSError, RuntimeError, ValueError) as e:
+            raise BackendError(f"checkpoint: reading tensor {key} failed ({type(e).__name__}: {e}); expected the "
+                               "Kontext checkpoint the engine was built from, complete and undamaged") from e
+        if not (torch.is_tensor(t) or isinstance(t, FP8Weight)):
+            raise BackendError(f"checkpoint: {key}: expected a tensor, got {type(t).__name__}")
+        return t
+    return read
 
 
 def _use_fp8_attention(model: KontextTransformer, amax: dict[str, Tensor], state_path, device,

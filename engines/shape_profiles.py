@@ -22,6 +22,8 @@ KONTEXT_RESOLUTIONS = [
 
 def nearest_kontext_resolution(width: int, height: int) -> tuple[int, int]:
     """The Kontext resolution of closest aspect ratio, as ComfyUI's FluxKontextImageScale chooses it."""
+    if width < 1 or height < 1:
+        raise ProfileError(f"image: expected at least 1x1 pixels to scale to a Kontext resolution, got {width}x{height}")
     aspect = width / height
     _, w, h = min((abs(aspect - w / h), w, h) for w, h in KONTEXT_RESOLUTIONS)
     return w, h
@@ -40,6 +42,9 @@ class ShapeProfile:
     text_tokens: tuple[int, int, int]
 
     def __post_init__(self):
+        from .engine_store import check_safe_name
+
+        check_safe_name(self.name, "profile name", ProfileError)  # it becomes part of the engine's file name
         for field in ("batch", "image_tokens", "text_tokens"):
             lo, opt, hi = getattr(self, field)
             if not 1 <= lo <= opt <= hi:

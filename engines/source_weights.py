@@ -360,6 +360,28 @@ def from_state_dict(sd: Mapping[str, Tensor], name: str = "ComfyUI MODEL") -> So
                     formats, scaled_fp8)
 
 
+def with_patches(weights: SourceWeights, patched: Mapping[str, Callable[[Tensor], Tensor]],
+                 fp8_dtype: torch.dtype = torch.bfloat16) -> SourceWeights:
+    """weights with each key of `patched` read as patched[key](its value in float32), cast back to the tensor's own
+    dtype; a patched FP8 layer's weight becomes a 16-bit one (fp8_dtype) from then on, calibrated afresh (a LoRA
+    merged into an FP8 weight is quantized again). Only the patched tensors are new; each is made when read."""
+    unknown = sorted(set(patched) - set(weights.keys))
+    if unknown:
+        raise NotKontextError(f"{weights.name}: patches on tensors it does not have: {unknown[:5]}")
+
+    def read(key):
+        t = weights.get(key)
+        if key not in patched:
+            return t.data if isinstance(t, FP8Weight) else t
+        value = t.dequantize(torch.float32) if isinstance(t, FP8Weight) else t.to(torch.float32)
+        return patched[key](value).to(fp8_dtype if isinstance(t, FP8Weight) else t.dtype)
+
+    layers = {key[: -len(".weight")] for key in patched if weights.is_fp8(key)}
+    return SourceWeights(weights.name, weights.format, weights.keys, read,
+                         {k: v for k, v in weights._fp8_scales.items() if k not in layers},
+                         {k: v for k, v in weights._input_scales.items() if k not in layers}, weights._shape_of)
+
+
 def transformer_from_source(weights: SourceWeights, dtype: torch.dtype | None = None, device=None):
     """A KontextTransformer over `weights` for calibration: 16-bit tensors shared as they are (no copy when
     already in dtype); each FP8 layer inside the blocks keeps its FP8 weight, with its scale in the model's

@@ -123,11 +123,13 @@ def _progress_monitor_class(trt_module):
 
 
 def build_engine(onnx_path: str | Path, cfg: KontextConfig, profiles: list[ShapeProfile], *,
-                 timing_cache: str | Path | None = None, compute_capability: tuple[int, int] | None = None,
+                 timing_cache: str | Path | None = None, tmp_dir: str | Path | None = None,
+                 compute_capability: tuple[int, int] | None = None,
                  progress: Callable[[int, int, str], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None, trt: TensorRT | None = None) -> BuiltEngine:
     """Parse the ONNX and build a serialized engine with one optimization profile per ShapeProfile;
-    returns it with the network's I/O names, dtypes and shapes (for the sidecar, without a second parse)."""
+    returns it with the network's I/O names, dtypes and shapes (for the sidecar, without a second parse).
+    tmp_dir: where the timing cache's temporary file is written (the build's scratch folder)."""
     trt = trt or import_tensorrt()
     m = trt.module
     logger = _logger_class(m)()
@@ -179,7 +181,7 @@ def build_engine(onnx_path: str | Path, cfg: KontextConfig, profiles: list[Shape
         from .atomic import write_atomically
 
         data = bytes(config.get_timing_cache().serialize())
-        write_atomically(timing_cache, lambda tmp: tmp.write_bytes(data))
+        write_atomically(timing_cache, lambda tmp: tmp.write_bytes(data), tmp_dir=tmp_dir)
     # A view of TensorRT's buffer, not bytes(): a full-size engine is ~12 GB (FP8), and a copy would hold it twice
     # in system memory, beside the builder's and ComfyUI's own, until the store has written it.
     return BuiltEngine(memoryview(serialized).cast("B"), io)

@@ -4,14 +4,16 @@ TensorRT-RTX builds an engine ahead of time without the user's GPU and compiles 
 the engine first runs (JIT), again in every new process. Its runtime cache (IRuntimeConfig.create_runtime_cache,
 IRuntimeCache.serialize / deserialize; TensorRT-RTX's "Working with Runtime Cache") keeps the compiled kernels,
 so the next ComfyUI session does not compile them again. Full TensorRT compiles every kernel at build time and
-has no such cache. NOT RUN ANYWHERE YET: no GPU lent to this project runs TensorRT-RTX (see README).
+has no such cache. NOT RUN ANYWHERE YET: no GPU this project has had runs TensorRT-RTX (docs/building-engines.md).
 """
 from __future__ import annotations
 
+import glob
 import logging
 from pathlib import Path
 
 from .atomic import write_atomically
+from .scratch import Scratch
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,9 @@ def runtime_cache_path(engine_path: str | Path, engine_sha256: str) -> Path:
 class RuntimeCacheFile:
     def __init__(self, engine_path: str | Path, engine_sha256: str):
         self.path = runtime_cache_path(engine_path, engine_sha256)
-        # this engine's caches from earlier builds: its name, then exactly a hash (not another engine's name)
-        self._any_build = f"{Path(engine_path).stem}.{'[0-9a-f]' * HASH_CHARS}{SUFFIX}"
+        # this engine's caches from earlier builds: its name, then exactly a hash (not another engine's name; the
+        # name escaped, so `kontext[1]` is not read as a pattern matching `kontext1`'s caches)
+        self._any_build = f"{glob.escape(Path(engine_path).stem)}.{'[0-9a-f]' * HASH_CHARS}{SUFFIX}"
         self.config = self.cache = None
         self._saved_bytes = None  # size of what the file holds, once read or written here
 
@@ -65,7 +68,8 @@ class RuntimeCacheFile:
         if blob.nbytes == self._saved_bytes:
             return
         try:
-            write_atomically(self.path, lambda tmp: tmp.write_bytes(blob))
+            with Scratch(self.path.parent) as scratch:
+                write_atomically(self.path, lambda tmp: tmp.write_bytes(blob), tmp_dir=scratch.path)
         except OSError as e:
             log.warning("Kontext TRT: could not write TensorRT-RTX's runtime cache %s (%s); its kernels will be "
                         "compiled again next session", self.path, e)

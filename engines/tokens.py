@@ -82,3 +82,14 @@ def pack_latent(latent: Tensor) -> tuple[Tensor, tuple[int, int]]:
     rows, cols = latent.shape[2] // PATCH, latent.shape[3] // PATCH
     tokens = latent.reshape(b, c, rows, PATCH, cols, PATCH).permute(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, c * PATCH * PATCH)
     return tokens, (rows, cols)
+
+
+def unpack_latent(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """pack_latent's inverse: tokens [B, rows*cols, C*4] -> a latent [B, C, 2*rows, 2*cols]."""
+    b, n, width = tokens.shape
+    rows, cols = grid
+    if n != rows * cols or width % (PATCH * PATCH):
+        raise ValueError(f"tokens: expected [batch, {rows * cols}, channels x {PATCH * PATCH}] for a {rows}x{cols} "
+                         f"grid, got {list(tokens.shape)}")
+    c = width // (PATCH * PATCH)
+    return tokens.reshape(b, rows, cols, c, PATCH, PATCH).permute(0, 3, 1, 4, 2, 5).reshape(b, c, rows * PATCH, cols * PATCH)

@@ -4,6 +4,10 @@ BackendFlux subclasses ComfyUI's Flux for its `_forward` (patchify, the referenc
 offset / index / uxo and whatever ComfyUI adds, unpatchify) and replaces only `forward_orig`, the
 token-level cut of the engine contract. It creates no layers, so the MODEL costs the backend's
 memory only. What the backend cannot honour is refused, never ignored.
+
+LoRA: the MODEL's state dict has the original Flux's keys (ComfyUI's LoRA key mapping reads them), so
+LoraLoader hands BackendModelPatcher.add_patches patches keyed and shaped as for the 16-bit model; the
+PyTorch backend applies them when ComfyUI loads the MODEL (engines/lora.py), a TensorRT engine refuses them.
 """
 import dataclasses
 
@@ -13,6 +17,10 @@ import comfy.ldm.flux.model
 import comfy.model_base
 import comfy.model_patcher
 import comfy.supported_models
+
+from ..engines.lora import LoRAApplier, meta_tensors
+from ..engines.transformer import KontextTransformer
+from .lora import PREFIX, describe_loras, diffusion_patches, engine_patches, key_patches, lora_names
 
 
 class BackendUnsupported(RuntimeError):
@@ -29,6 +37,17 @@ class BackendFlux(comfy.ldm.flux.model.Flux):
         self.out_channels = self.params.out_channels * self.patch_size * self.patch_size
         self.hidden_size, self.num_heads = self.params.hidden_size, self.params.num_heads
         self.backend = None
+        self.lora = None  # the PyTorch backend's LoRAApplier (None: the backend takes no patches)
+        self.tensor_shapes = {}  # BFL key -> meta tensor, for a backend whose tensors are not reachable (TensorRT)
+        self.baked_loras = []  # what the engine's build baked in (sidecar), for messages
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """The original Flux's keys (what ComfyUI's LoRA key mapping and ModelPatcher.add_patches match patches
+        against), each the backend's own tensor (FP8 weights as their FP8 data), or a meta tensor of its shape."""
+        destination = {} if destination is None else destination
+        tensors = self.lora.tensors() if self.lora is not None else self.tensor_shapes
+        destination.update({prefix + k: t if keep_vars else t.detach() for k, t in tensors.items()})
+        return destination
 
     def forward_orig(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None, control=None,
                      transformer_options={}, attn_mask=None):
@@ -93,9 +112,6 @@ class BackendModelPatcher(comfy.model_patcher.ModelPatcher):
     for it first) and partial unloads become full ones, which also release a TensorRT engine.
     """
 
-    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
-        return super().load(device_to, lowvram_model_memory, force_patch_weights, full_load=True)
-
     def partially_unload(self, device_to, memory_to_free=0):
         return 0  # ComfyUI then unloads the whole model (LoadedModel.model_unload -> detach)
 
@@ -109,11 +125,63 @@ class BackendModelPatcher(comfy.model_patcher.ModelPatcher):
             release()
         return model
 
+    def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        out = super().load(device_to, lowvram_model_memory, force_patch_weights, full_load=True)
+        self.apply_lora()
+        return out
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        applied = self.model.current_weight_patches_uuid
+        if applied is not None and applied != self.patches_uuid and self.model.model_loaded_weight_memory > 0:
+            # Another clone's LoRAs are on the loaded backend. ComfyUI would unpatch by moving the whole model to
+            # the offload device and back; the LoRAs are swapped in place instead, the FP8 weights staying loaded.
+            self.apply_lora()
+        return super().partially_load(device_to, extra_memory, force_patch_weights)
+
+    def unpatch_model(self, device_to=None, unpatch_weights=True):
+        lora = self.model.diffusion_model.lora
+        if unpatch_weights and lora is not None:
+            lora.remove()
+        return super().unpatch_model(device_to, unpatch_weights)
+
+    def apply_lora(self):
+        """The backend computes the original model with exactly this patcher's patches (its LoRAs)."""
+        lora = self.model.diffusion_model.lora
+        if lora is None:
+            return
+        patches = diffusion_patches(self.patches)
+        if not patches:
+            lora.remove()
+        elif lora.applied != self.patches_uuid:
+            lora.apply(key_patches(patches), applied_id=self.patches_uuid)
+        self.model.current_weight_patches_uuid = self.patches_uuid
+
     def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        if not patches:
+            return []
+        diffusion_model = self.model.diffusion_model
+        known = diffusion_model.lora if diffusion_model.lora is not None else diffusion_model.tensor_shapes
+        keyed = {}
+        for k, value in patches.items():
+            key, offset, function = (k, None, None) if isinstance(k, str) else (k[0], k[1], k[2] if len(k) > 2 else None)
+            if key.startswith(PREFIX) and key[len(PREFIX):] in known:
+                keyed.setdefault(key[len(PREFIX):], []).append((strength_patch, value, strength_model, offset, function))
+        if keyed and diffusion_model.lora is None:
+            baked = diffusion_model.baked_loras
+            raise BackendUnsupported(
+                f"LoRA ({lora_names(describe_loras(keyed))}): a TensorRT engine's weights are fixed when it is built, "
+                f"and this engine was built {'with ' + lora_names(baked) if baked else 'without LoRA'}. Bake the LoRA "
+                "in (apply it to the model given to Build Engine), or use the PyTorch backend, which applies LoRAs "
+                "at run time")
+        if keyed:
+            diffusion_model.lora.check(engine_patches(keyed))  # refuses what it cannot apply, before any sampling
+        return super().add_patches(patches, strength_patch, strength_model)
+
+    def add_hook_patches(self, hook, patches, strength_patch=1.0, strength_model=1.0):
         if patches:
-            raise BackendUnsupported("LoRA / weight patches cannot be applied to a quantized Kontext after it was built: "
-                                     "apply the LoRA to the 16-bit model before building (it is baked in then)")
-        return []
+            raise BackendUnsupported("LoRA hooks (scheduled / conditioning-bound LoRA): not supported by this "
+                                     "backend; apply the LoRA with LoraLoaderModelOnly instead")
+        return super().add_hook_patches(hook, patches, strength_patch, strength_model)
 
 
 def flux_params_fields() -> set[str]:
@@ -121,10 +189,19 @@ def flux_params_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
 
 
-def backend_model(backend: torch.nn.Module, config, size_bytes: int, dtype, load_device, offload_device):
-    """A ComfyUI MODEL (ModelPatcher) whose Flux forward runs `backend` (engine contract in, tokens out)."""
+def backend_model(backend: torch.nn.Module, config, size_bytes: int, dtype, load_device, offload_device,
+                  baked_loras=()):
+    """A ComfyUI MODEL (ModelPatcher) whose Flux forward runs `backend` (engine contract in, tokens out). A
+    KontextTransformer backend (optionally inside a CUDAGraphedTransformer) takes LoRA patches; any other refuses
+    them, naming baked_loras (what its engine's build baked in)."""
     model_config = comfy.supported_models.Flux(config.comfy_unet_config(flux_params_fields()))
     model_config.set_inference_dtype(dtype, None)
     model = BackendFluxModel(model_config, device=offload_device, unet_model=BackendFlux)
     model.diffusion_model.backend = backend
+    transformer = getattr(backend, "model", backend)
+    if isinstance(transformer, KontextTransformer):
+        model.diffusion_model.lora = LoRAApplier(transformer)
+    else:
+        model.diffusion_model.tensor_shapes = meta_tensors(config)
+        model.diffusion_model.baked_loras = list(baked_loras)
     return BackendModelPatcher(model, load_device=load_device, offload_device=offload_device, size=size_bytes)

@@ -10,19 +10,20 @@ import comfy.utils
 import folder_paths
 
 from ..engines.build import build_kontext_engine
-from ..engines.calibration import read_calibration_set, write_default_calibration_set
+from ..engines.calibration import check_encoded_pairs, read_calibration_set, write_default_calibration_set
 from ..engines.gpu_support import check_build_target
 from ..engines.recipes import available_recipes, load_recipe
 from ..engines.shape_profiles import NAMED_PROFILES, custom_profile, named_profile
 from ..engines import NotKontextError
 from ..engines.calibrated_state import read_calibrated
 from ..engines.comfy_export import is_exported_checkpoint
-from ..engines.source_weights import from_state_dict, open_checkpoint
+from ..engines.source_weights import from_state_dict, open_checkpoint, with_patches
 from ..engines.state_dict import config_from_state_dict
 from ..engines.tensorrt_build import EngineBuildCancelled, import_tensorrt
 from .calibration_encoding import encode_pair
 from .comfy_model import diffusion_model_state_dict, model_source_file
 from .folders import engine_store
+from .lora import describe_loras, diffusion_patches, key_patches
 
 
 def gpu_compute_capability():
@@ -41,7 +42,9 @@ class KontextBuildEngine(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="FLUX.1 Kontext [dev] as Load Diffusion Model gives it (weight dtype default): "
-                                                "BFL's 16-bit file, or ComfyUI's fp8_scaled / float8_e4m3fn comfy_quant file."),
+                                                "BFL's 16-bit file, or ComfyUI's fp8_scaled / float8_e4m3fn comfy_quant file. "
+                                                "LoRAs applied to it (LoraLoaderModelOnly) are baked into the engine at "
+                                                "their strengths, and calibrated with."),
                 io.Clip.Input("clip", tooltip="FLUX text encoders (CLIP-L + T5-XXL): encode the calibration prompts."),
                 io.Vae.Input("vae", tooltip="FLUX VAE: encodes the calibration images into reference latents."),
                 io.Combo.Input("recipe", options=available_recipes(), default="fp8",
@@ -80,6 +83,11 @@ class KontextBuildEngine(io.ComfyNode):
     def execute(cls, model, clip, vae, recipe, quantize_attention, profile, custom_min_side, custom_max_side,
                 calibration_set, steps_per_sample, max_samples, keep_onnx, low_vram=False,
                 checkpoint="auto") -> io.NodeOutput:
+        patches = diffusion_patches(getattr(model, "patches", {}))
+        if getattr(model, "backup", None):
+            # A clone's patches (LoRAs) are merged into the weights while ComfyUI keeps it loaded: put the file's
+            # weights back before they are fingerprinted and read (the LoRAs here are applied by the build).
+            comfy.model_management.unload_all_models()
         weights = from_state_dict(diffusion_model_state_dict(model))  # refuses formats the pack cannot read
         config_from_state_dict({k: torch.empty(s, device="meta") for k, s in weights.shapes().items()})
         trt = import_tensorrt()  # says up front when no TensorRT is installed
@@ -88,6 +96,8 @@ class KontextBuildEngine(io.ComfyNode):
         cc = gpu_compute_capability()
         check_build_target(chosen, trt.flavour, cc)
         shapes = custom_profile(custom_min_side, custom_max_side) if profile == "custom" else named_profile(profile)
+        store = engine_store()
+        store.prepare()  # a folder that cannot be written fails now, not after encoding and calibration
 
         source_file = model_source_file(weights, checkpoint)  # before the calibration's encoding work
         if weights.fp8_layers and source_file is None:
@@ -97,7 +107,10 @@ class KontextBuildEngine(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("diffusion_models", source_file) if source_file else None
         embedded = None  # a checkpoint written by Export ComfyUI Checkpoint for this recipe: no calibration
         if path and is_exported_checkpoint(path):
-            if read_calibrated(path)[0].to_json() == chosen.to_json():
+            if patches:
+                logging.info("Kontext TRT: the model has LoRAs applied: calibrating with them, not with the "
+                             "calibration %s holds", source_file)
+            elif read_calibrated(path)[0].to_json() == chosen.to_json():
                 embedded = path
             else:
                 logging.info("Kontext TRT: %s was calibrated for another recipe than %s: calibrating again",
@@ -109,6 +122,7 @@ class KontextBuildEngine(io.ComfyNode):
                 source = write_default_calibration_set(Path(tempfile.mkdtemp(prefix="kontext_calib_")))
             pairs = read_calibration_set(source)[:max_samples]
             samples = [encode_pair(pair, clip, vae, model) for pair in pairs]
+            check_encoded_pairs(samples, steps_per_sample)  # a pair that encoded to NaN is named before the model loads
 
         bars = {}
 
@@ -116,14 +130,18 @@ class KontextBuildEngine(io.ComfyNode):
             bar = bars.setdefault(stage, comfy.utils.ProgressBar(total))
             bar.update_absolute(done, total)
 
-        def build(weights, device=None, calibrated_from=None):
-            return build_kontext_engine(weights, chosen, [shapes], samples, steps_per_sample, engine_store(),
+        def build(weights, device=None, calibrated_from=None, source=None):
+            return build_kontext_engine(weights, chosen, [shapes], samples, steps_per_sample, store,
                                         calibration_name=str(calibration_set.strip() or "default"), keep_onnx=keep_onnx,
                                         low_vram=low_vram, device=device, calibrated_from=calibrated_from,
                                         compute_capability=cc if trt.flavour == "tensorrt_rtx" else None,
                                         progress=progress, should_cancel=comfy.model_management.processing_interrupted,
-                                        trt=trt)
+                                        trt=trt, source=source, loras=loras)
 
+        # LoRAs are merged with ComfyUI's own weight patch (calculate_weight): into the weights as the build reads
+        # them (with_patches), or by ComfyUI loading the 16-bit MODEL; the sidecar records the unpatched source.
+        loras = describe_loras(patches) if patches else []
+        exact = {key: kp.exact for key, kp in key_patches(patches).items()}
         try:
             if weights.fp8_layers:
                 # An FP8 MODEL is built from its file, read one tensor at a time: the engine then holds exactly the
@@ -132,13 +150,20 @@ class KontextBuildEngine(io.ComfyNode):
                 comfy.model_management.unload_all_models()
                 device = "cpu" if low_vram else comfy.model_management.get_torch_device()
                 with open_checkpoint(path) as weights:
-                    result = build(weights, device, calibrated_from=embedded)
+                    result = (build(with_patches(weights, exact), device, source=weights.describe()) if patches
+                              else build(weights, device, calibrated_from=embedded))
+            elif patches and low_vram:
+                comfy.model_management.unload_all_models()  # the weights go back to system memory, unpatched
+                unpatched = from_state_dict(diffusion_model_state_dict(model), name=source_file)
+                result = build(with_patches(unpatched, exact), source=dict(weights.describe(), name=source_file))
             else:
                 if low_vram:
                     comfy.model_management.unload_all_models()  # the weights go back to system memory
                 else:
-                    comfy.model_management.load_models_gpu([model], force_full_load=True)
-                result = build(from_state_dict(diffusion_model_state_dict(model), name=source_file))
+                    comfy.model_management.load_models_gpu([model], force_full_load=True)  # LoRAs merged here
+                unpatched_source = dict(weights.describe(), name=source_file) if patches else None
+                result = build(from_state_dict(diffusion_model_state_dict(model), name=source_file),
+                               source=unpatched_source)
         except EngineBuildCancelled:
             raise comfy.model_management.InterruptProcessingException()
         return io.NodeOutput(result.engine.name, str(result.calibrated_state or ""))

@@ -22,4 +22,5 @@ def encode_pair(pair: CalibrationPair, clip, vae, model) -> EncodedPair:
     if "pooled_output" not in extra:
         raise ValueError("clip: expected FLUX's text encoders (CLIP-L + T5-XXL) giving a pooled output; "
                          f"this CLIP gave {sorted(extra)}")
-    return EncodedPair(txt=txt.cpu(), y=extra["pooled_output"].cpu(), reference=tokens.cpu(), reference_grid=grid)
+    return EncodedPair(txt=txt.cpu(), y=extra["pooled_output"].cpu(), reference=tokens.cpu(), reference_grid=grid,
+                       name=pair.name)

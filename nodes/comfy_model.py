@@ -15,6 +15,11 @@ def diffusion_model_state_dict(model) -> dict:
         raise NotKontextError(
             f"model: expected a ComfyUI MODEL holding a Flux/Kontext diffusion model, got {type(model).__name__}"
             f"{' wrapping ' + type(inner).__name__ if inner is not None else ''}")
+    from .backend_model import BackendFlux
+
+    if isinstance(diffusion_model, BackendFlux):
+        raise NotKontextError("model: the quantized Kontext from Load Quantized Model; this node takes the original "
+                              "model (Load Diffusion Model)")
     return diffusion_model.state_dict()
 
 

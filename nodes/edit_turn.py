@@ -5,14 +5,14 @@ euler / simple at CFG 1, VAE decode), done by ComfyUI's functions, so any MODEL 
 one from the loader or the original. ComfyUI's cache re-runs only the turns whose inputs changed.
 """
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 import comfy.model_base
 import comfy.utils
 import node_helpers
 import nodes as comfy_nodes
 
-from ..engines.edit_turns import (EditInputError, EditTurn, check_instruction, check_latent_format,
+from ..engines.edit_turns import (EditInputError, EditTurn, check_image, check_instruction, check_latent_format,
                                   check_turn_source, history_sheet)
 from ..engines.shape_profiles import nearest_kontext_resolution
 
@@ -48,7 +48,12 @@ class KontextEditTurn(io.ComfyNode):
             category="Kontext TRT",
             description="One edit instruction applied to a source image (first turn) or to the previous turn. Chain "
                         "turns for a multi-turn edit; the result passes to the next turn as a latent (no VAE round "
-                        "trip), and the turn carries the history.",
+                        "trip), and the turn carries the history. Shows its result, so each turn can be queued on "
+                        "its own (the Kontext Edit chat panel does).",
+            # An output node with a preview: queueing one turn (ComfyUI's partial execution) runs it and whatever
+            # it needs, nothing else, and its image reaches the frontend in ComfyUI's `executed` event.
+            is_output_node=True,
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],  # the preview PNG carries the workflow, as PreviewImage's does
             inputs=[
                 io.Model.Input("model", tooltip="FLUX.1 Kontext [dev]: the quantized MODEL from Load Quantized Model, or "
                                                 "the original."),
@@ -79,6 +84,8 @@ class KontextEditTurn(io.ComfyNode):
                 extra_reference=None, resize="kontext", reference_method="offset") -> io.NodeOutput:
         instruction = check_instruction(instruction)
         check_turn_source(image, previous)
+        if extra_reference is not None:
+            check_image(extra_reference, "extra_reference")
         check_kontext_model(model)
         check_latent_format(getattr(vae, "latent_channels", None))
 
@@ -103,7 +110,7 @@ class KontextEditTurn(io.ComfyNode):
         decoded = vae.decode(samples)
         turn = EditTurn(latent=samples, image=decoded[:1], instruction=instruction, seed=seed, steps=steps,
                         guidance=guidance, parent=previous, source_image=source)
-        return io.NodeOutput(decoded, turn)
+        return io.NodeOutput(decoded, turn, ui=ui.PreviewImage(decoded[:1], cls=cls))
 
 
 class KontextEditHistory(io.ComfyNode):

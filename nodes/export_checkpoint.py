@@ -9,6 +9,7 @@ from ..engines.comfy_export import export_comfy_checkpoint
 from ..engines.source_weights import open_checkpoint
 from .folders import FOLDER, engine_store
 from .load_quantized import STATE_SUFFIX, FROM_ENGINE, engine_checkpoint
+from .lora import lora_names
 
 
 class KontextExportCheckpoint(io.ComfyNode):
@@ -38,6 +39,10 @@ class KontextExportCheckpoint(io.ComfyNode):
     def execute(cls, engine, checkpoint, filename) -> io.NodeOutput:
         path = Path(folder_paths.get_full_path_or_raise(FOLDER, engine))
         meta = engine_store().read_metadata(path)
+        if meta.get("loras"):
+            raise ValueError(f"engine {engine}: built with LoRA baked in ({lora_names(meta['loras'])}); the export "
+                             "writes the checkpoint's own weights, which lack it. Export an engine built without LoRA "
+                             "and apply the LoRA after Load Diffusion Model / Load Quantized Model")
         state = path.with_name(path.stem + STATE_SUFFIX)
         if not state.is_file():
             raise FileNotFoundError(f"engine {engine}: its calibrated state {state.name} is missing; rebuild it")

@@ -4,6 +4,7 @@ import os
 import folder_paths
 
 from ..engines.engine_store import ENGINE_SUFFIXES, EngineStore
+from ..engines.scratch import remove_abandoned_scratch
 
 FOLDER = "tensorrt"
 
@@ -17,6 +18,10 @@ def register_tensorrt_folder() -> None:
         folder_paths.folder_names_and_paths[FOLDER] = (paths, set(extensions) | set(ENGINE_SUFFIXES))
     else:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], set(ENGINE_SUFFIXES))
+    # what a build (or a checkpoint export) killed in the last session left in these folders
+    for folder in [*folder_paths.get_folder_paths(FOLDER), *folder_paths.get_folder_paths("diffusion_models")]:
+        if os.path.isdir(folder):
+            remove_abandoned_scratch(folder)
 
 
 def engine_store() -> EngineStore:

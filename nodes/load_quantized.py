@@ -14,9 +14,11 @@ from ..engines.runtime_tensorrt import TensorRTBackend, choose_backend, engine_d
 from ..engines.runtime_torch import compile_blocks, load_fp8_transformer, transformer_bytes
 from ..engines.calibrated_state import read_calibrated
 from ..engines.comfy_export import is_exported_checkpoint
+from ..engines.scratch import remove_abandoned_scratch
 from ..engines.source_weights import file_fingerprint, open_checkpoint
 from ..engines.tensorrt_build import TensorRTMissing, import_tensorrt
 from .backend_model import backend_model
+from .lora import lora_names
 from .folders import FOLDER, engine_store
 
 STATE_SUFFIX = ".calibration.safetensors"
@@ -33,7 +35,9 @@ class KontextLoadQuantized(io.ComfyNode):
             category="Kontext TRT",
             description="A quantized FLUX.1 Kontext (made by Build Engine) as a MODEL for KSampler, CFG, FluxGuidance "
                         "and ReferenceLatent: the TensorRT engine, or the same calibrated FP8 model run by PyTorch. "
-                        "Refuses LoRA, ControlNet and block patches.",
+                        "LoRA (LoraLoaderModelOnly after this node): applied by the PyTorch backend at any strength, "
+                        "stacked; a TensorRT engine takes only the LoRAs baked in when it was built. Refuses "
+                        "ControlNet and block patches.",
             inputs=[
                 io.Combo.Input("engine", options=[*folder_paths.get_filename_list(FOLDER), CHECKPOINT_ALONE],
                                tooltip="An engine in models/tensorrt with its .json sidecar; or none, to run a checkpoint "
@@ -70,7 +74,8 @@ class KontextLoadQuantized(io.ComfyNode):
         if engine == CHECKPOINT_ALONE:
             return io.NodeOutput(cls.checkpoint_alone(backend, checkpoint, compile, cuda_graph, attention_kernel))
         path = Path(folder_paths.get_full_path_or_raise(FOLDER, engine))
-        meta = engine_store().read_metadata(path)
+        remove_abandoned_scratch(path.parent)  # what builds killed mid-way left there
+        meta = engine_store().read_metadata(path)  # the sidecar checked, and the engine against it
         try:
             trt = import_tensorrt(meta["tensorrt"]["flavour"])
         except TensorRTMissing as e:
@@ -81,9 +86,16 @@ class KontextLoadQuantized(io.ComfyNode):
         config = KontextConfig.from_dict(meta["model_config"])
         device = comfy.model_management.get_torch_device()
         offload = comfy.model_management.unet_offload_device()
+        baked = meta.get("loras") or []
         if chosen == "tensorrt":
             runner = TensorRTBackend(path, meta, trt, config)
-            return io.NodeOutput(backend_model(runner, config, engine_device_bytes(path), runner.dtype, device, offload))
+            return io.NodeOutput(backend_model(runner, config, engine_device_bytes(path), runner.dtype, device, offload,
+                                               baked_loras=baked))
+        if baked:
+            raise ValueError(f"engine {engine}: built with LoRA baked in ({lora_names(baked)}), which the PyTorch "
+                             f"backend (chosen: {why}) cannot reproduce: it runs the checkpoint's own weights. Build the engine "
+                             "from the model without LoRA and put LoraLoaderModelOnly after this node (the PyTorch "
+                             "backend applies LoRAs at run time), or run this engine on the TensorRT backend")
 
         state = path.with_name(path.stem + STATE_SUFFIX)
         if not state.is_file():

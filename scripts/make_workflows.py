@@ -22,6 +22,14 @@ TEXT_ENCODERS = {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4
 VAE = {"vae_name": "ae.safetensors"}
 IMAGE = "kontext_example.png"
 ENGINE = "kontext_fp8.engine"
+LORA = "kontext_lora.safetensors"
+
+
+def quantized_loader(backend: str) -> dict:
+    return {"class_type": "KontextTRT_LoadQuantized", "inputs": {"engine": ENGINE, "backend": backend,
+                                                                "checkpoint": CHECKPOINT, "compile": True,
+                                                                "cuda_graph": True}}
+
 INSTRUCTIONS = ("remove the people from the street", "make it dusk with warm street lights", "add light rain")
 
 
@@ -65,16 +73,25 @@ WORKFLOWS = {
         "Load Quantized Model (backend auto: the TensorRT engine when it runs on this GPU, else the same calibrated "
         "FP8 model through PyTorch, which needs the checkpoint).\n3. Load your image, edit the instructions, queue. "
         "Each turn edits the previous turn's latent; change turn 3's text and only turn 3 runs again.",
-        {"1": {"class_type": "KontextTRT_LoadQuantized", "inputs": {"engine": ENGINE, "backend": "auto",
-                                                                    "checkpoint": CHECKPOINT, "compile": True}},
+        {"1": quantized_loader("auto"),
          **COMMON, **turns(10, "1", "4", "kontext_quantized")}),
+    "kontext_three_turn_edit_lora": (
+        "Three-turn edit on the quantized model with a LoRA\n\n1. Build an engine from the model without the LoRA "
+        "(kontext_build_fp8_engine).\n2. Put your Kontext LoRA in models/loras and pick it in LoraLoaderModelOnly; "
+        "chain more of them to stack LoRAs, at any strength (negative too).\n3. Load Quantized Model runs on the "
+        "PyTorch backend here: it applies LoRAs beside its FP8 weights, so another strength or LoRA re-runs the turns "
+        "without reloading the model or compiling again. A TensorRT engine cannot take a LoRA after its build: for "
+        "that backend put the LoRA before Build Engine instead (it is baked into the engine).",
+        {"1": quantized_loader("pytorch"),
+         "5": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": LORA,
+                                                               "strength_model": 0.8}},
+         **COMMON, **turns(10, "5", "4", "kontext_lora")}),
     "kontext_three_turn_edit_compare": (
         "The same three turns on the original and the quantized model, side by side\n\nTop chain: FLUX.1 Kontext "
         "[dev] as loaded (16-bit). Bottom chain: the quantized model. Same seeds, instructions and settings; compare "
         "the two Edit History sheets.",
         {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": CHECKPOINT, "weight_dtype": "default"}},
-         "5": {"class_type": "KontextTRT_LoadQuantized", "inputs": {"engine": ENGINE, "backend": "auto",
-                                                                    "checkpoint": CHECKPOINT, "compile": True}},
+         "5": quantized_loader("auto"),
          **COMMON, **turns(10, "1", "4", "kontext_original"), **turns(40, "5", "4", "kontext_quantized")}),
 }
 

@@ -26,6 +26,7 @@ LOADER_FILES = {"UNETLoader": [("diffusion_models", "unet_name")],
                 "DualCLIPLoader": [("text_encoders", "clip_name1"), ("text_encoders", "clip_name2")],
                 "VAELoader": [("vae", "vae_name")],
                 "KontextTRT_LoadQuantized": [("tensorrt", "engine"), ("diffusion_models", "checkpoint")],
+                "LoraLoaderModelOnly": [("loras", "lora_name")],
                 "LoadImage": [("input", "image")]}
 
 
@@ -71,7 +72,7 @@ def to_tiny(prompt: dict, steps: int) -> dict:
 
     sys.path.append(str(ROOT))  # engines/, last: ComfyUI's own `nodes` module must win over the pack's folder
     sys.path.insert(0, str(ROOT / "scripts"))
-    from tiny_kontext import TINY_LOADERS
+    from tiny_kontext import TINY_LOADERS, TinyKontextLora
 
     tiny = json.loads(json.dumps(prompt))
     for node in tiny.values():
@@ -79,6 +80,10 @@ def to_tiny(prompt: dict, steps: int) -> dict:
             name, cls = TINY_LOADERS[node["class_type"]]
             nodes.NODE_CLASS_MAPPINGS[name] = cls
             node["class_type"], node["inputs"] = name, {}
+        elif node["class_type"] == "LoraLoaderModelOnly":  # a random LoRA for the tiny model, at the chosen strength
+            nodes.NODE_CLASS_MAPPINGS[TinyKontextLora.__name__] = TinyKontextLora
+            node["class_type"] = TinyKontextLora.__name__
+            node["inputs"] = {k: v for k, v in node["inputs"].items() if k != "lora_name"}
         elif node["class_type"] == "KontextTRT_EditTurn":
             node["inputs"].update(steps=steps, resize="keep")
     return tiny
@@ -105,12 +110,13 @@ def new_executor():
     return execution.PromptExecutor(_Server(), cache_type=False)
 
 
-def execute(executor, prompt: dict):
+def execute(executor, prompt: dict, targets: list[str] | None = None):
     """Validate and run an API-format prompt the way ComfyUI's queue does; raises with ComfyUI's error.
-    Reusing one executor keeps ComfyUI's cache between runs."""
+    Reusing one executor keeps ComfyUI's cache between runs. `targets`: run only these output nodes (and
+    what they need), as ComfyUI's partial execution does for a queued selection."""
     import execution
 
-    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, targets))
     if not valid[0]:
         raise RuntimeError(f"ComfyUI refused the workflow: {valid[1]} {valid[3]}")
     executor.execute(prompt, str(uuid.uuid4()), {}, valid[2])

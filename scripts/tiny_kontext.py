@@ -53,6 +53,42 @@ class StandInVae:
         return torch.nn.functional.interpolate((latent[:, :3] + 1) / 2, scale_factor=8).clamp(0, 1).movedim(1, -1)
 
 
+def tiny_lora(cfg=CFG, seed=1, rank=8, alpha=4.0, magnitude=0.35) -> dict:
+    """A random LoRA file's tensors in kohya / sd-scripts keys (lora_unet_<BFL name with underscores>.lora_down /
+    lora_up / alpha) on every Linear of a Kontext of `cfg`, the embedders and final layer included, each product
+    about `magnitude` times a random-init weight's norm."""
+    from engines import KontextTransformer
+
+    with torch.device("meta"):
+        layers = {n: m.weight.shape for n, m in KontextTransformer(cfg).named_modules() if isinstance(m, torch.nn.Linear)}
+    g, sd = torch.Generator().manual_seed(seed), {}
+    for name, (out_features, in_features) in layers.items():
+        up, down = torch.randn(out_features, rank, generator=g), torch.randn(rank, in_features, generator=g)
+        up = up * (magnitude * out_features ** 0.5 / (up @ down).norm())  # a N(0, 1/in) weight's norm: sqrt(out)
+        key = "lora_unet_" + name.replace(".", "_")
+        sd.update({f"{key}.lora_up.weight": up * rank / alpha, f"{key}.lora_down.weight": down,
+                   f"{key}.alpha": torch.tensor(alpha)})
+    return sd
+
+
+class TinyKontextLora:
+    """LoraLoaderModelOnly's stand-in for the tiny Kontext: a random LoRA (tiny_lora) applied through ComfyUI's own
+    LoRA loading (comfy.sd.load_lora_for_models) at the workflow's strength."""
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",),
+                             "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0})}}
+
+    def load(self, model, strength_model):
+        import comfy.sd
+
+        return (comfy.sd.load_lora_for_models(model, None, tiny_lora(), strength_model, 0)[0],)
+
+
 def demo_image(width: int = 80, height: int = 64) -> torch.Tensor:
     return torch.rand(1, height, width, 3, generator=torch.Generator().manual_seed(3))
 

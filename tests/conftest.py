@@ -20,6 +20,8 @@ try:
 except ImportError:
     pass
 
+# The fault-injection tests' fixtures (session-scoped real builds shared by several files).
+pytest_plugins = ["reliability_fixtures"]
 
 
 # The tiny model calibrated (fp8 recipe, attention included) and exported in a 16-bit dtype, once per test session:

@@ -6,6 +6,8 @@ MODEL and its sampling are ComfyUI's (tiny random-weight Flux); CLIP and VAE are
 interfaces (a tiny T5-XXL / FLUX VAE cannot be built), registered as test-only loader nodes.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,16 +61,19 @@ def three_turns(instructions=("remove the people", "make it dusk", "add rain")):
 @pytest.fixture(scope="module")
 def executor(tmp_path_factory):
     import_comfyui()
+    import folder_paths
     import nodes
 
+    # Each turn previews its result in ComfyUI's temp folder: a fresh one here, not the checkout's.
+    folder_paths.set_temp_directory(str(tmp_path_factory.mktemp("comfy_temp")))
     pack = load_pack_into_comfyui(tmp_path_factory.mktemp("custom_nodes"))
     nodes.NODE_CLASS_MAPPINGS.update(TestKontextLoader=TestKontextLoader, TestSourceImage=TestSourceImage)
     return run_workflow.new_executor(), pack
 
 
-def run(executor, prompt):
+def run(executor, prompt, targets=None):
     """ComfyUI's validation and execution, as the headless runner does them (raises on either failing)."""
-    return run_workflow.execute(executor, prompt)
+    return run_workflow.execute(executor, prompt, targets)
 
 
 def test_three_turns_run_and_only_the_changed_turn_reruns(executor, monkeypatch):
@@ -98,6 +103,33 @@ def test_three_turns_run_and_only_the_changed_turn_reruns(executor, monkeypatch)
     CALLS["sample"] = 0
     run(executor, three_turns(("remove the people", "make it night", "add snow")))
     assert CALLS["sample"] == 2 and CALLS["encode"] == ["make it night", "add snow"]
+
+
+def test_a_turn_queued_alone_runs_what_it_needs_and_previews_its_image(executor, monkeypatch):
+    """What the chat panel does: queue only the newest turn (ComfyUI's partial execution of output nodes)."""
+    import comfy.sample
+    import folder_paths
+
+    _, pack = executor
+    fresh = run_workflow.new_executor()  # an empty cache
+    real_sample = comfy.sample.sample
+    monkeypatch.setattr(comfy.sample, "sample", lambda *a, **k: CALLS.__setitem__("sample", CALLS["sample"] + 1)
+                        or real_sample(*a, **k))
+    CALLS["encode"].clear()
+    CALLS["sample"] = 0
+    outputs = run(fresh, three_turns(), targets=["11"]).history_result["outputs"]
+    # Turn 2 and the turn it continues ran; turn 3 and the history sheet did not.
+    assert CALLS["sample"] == 2 and CALLS["encode"] == ["remove the people", "make it dusk"]
+    assert sorted(outputs) == ["10", "11"]
+    for node_id in ("10", "11"):
+        (image,) = outputs[node_id]["images"]
+        assert image["type"] == "temp"
+        path = Path(folder_paths.get_temp_directory()) / image["subfolder"] / image["filename"]
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    CALLS["encode"].clear()
+    CALLS["sample"] = 0
+    run(fresh, three_turns(), targets=["12"])
+    assert CALLS["sample"] == 1 and CALLS["encode"] == ["add rain"]  # turns 1 and 2 came from ComfyUI's cache
 
 
 def test_turns_chain_latents_and_carry_their_history(executor):
@@ -169,7 +201,7 @@ def test_bad_inputs_get_clear_node_errors_and_earlier_turns_survive(executor):
 
 
 def test_headless_runner_executes_the_shipped_comparison_workflow_on_the_tiny_model(executor, tmp_path, capsys):
-    """The README's runner: the shipped API workflow through ComfyUI's executor; no weights here, so tiny."""
+    """The headless runner (docs/development.md): the shipped API workflow through ComfyUI's executor; no weights here, so tiny."""
 
     assert run_workflow.main(["--out", str(tmp_path), "--tiny-steps", "2"]) == 0
     text = capsys.readouterr().out
@@ -178,3 +210,13 @@ def test_headless_runner_executes_the_shipped_comparison_workflow_on_the_tiny_mo
     # two chains (original, quantized) x (3 turns + the history sheet)
     assert len(names) == 8 and sum(n.startswith("kontext_original_turn") for n in names) == 3, names
     assert any(n.startswith("kontext_quantized_history") for n in names)
+
+
+def test_headless_runner_executes_the_shipped_lora_workflow_on_the_tiny_model(executor, tmp_path, capsys):
+    """The LoRA workflow: its LoRA file is missing here too, so the tiny run applies a random LoRA to the tiny model
+    through ComfyUI's own LoRA loading, at the workflow's strength, between the loader and the turns."""
+    workflow = run_workflow.ROOT / "workflows" / "api" / "kontext_three_turn_edit_lora.json"
+    assert run_workflow.main([str(workflow), "--out", str(tmp_path), "--tiny-steps", "2"]) == 0
+    assert "loras/kontext_lora.safetensors" in capsys.readouterr().out
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(names) == 4 and sum(n.startswith("kontext_lora_turn") for n in names) == 3, names

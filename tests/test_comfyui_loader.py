@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from quant_helpers import encoded_pairs
+from quant_helpers import tiny_fp8_engine
 
 from comfyui_checkout import import_comfyui, load_pack_into_comfyui, tiny_comfy_kontext
 from engines import random_state_dict, tiny_config
@@ -17,25 +17,12 @@ CFG = tiny_config()
 def setup(tmp_path_factory):
     import_comfyui()
     import folder_paths
-    from safetensors.torch import save_file
-
-    from engines.build import build_kontext_engine
-    from engines.engine_store import EngineStore
-    from engines.recipes import load_recipe
-    from engines.shape_profiles import named_profile
-    from engines.tensorrt_build import import_tensorrt
 
     pytest.importorskip("tensorrt_rtx")
     tmp = tmp_path_factory.mktemp("loader")
     nodes = load_pack_into_comfyui(tmp_path_factory.mktemp("custom_nodes"))
     sd = random_state_dict(CFG, seed=3)
-    # What the Build Engine node leaves in models/tensorrt: a real engine (TensorRT-RTX, built on this CPU
-    # for compute capability 8.9), its sidecar and the calibrated state the PyTorch backend runs.
-    engine = build_kontext_engine(sd, load_recipe("fp8", attention=False), [named_profile("kontext_1ref")],
-                                  encoded_pairs(tmp, n=3), steps=3, store=EngineStore(tmp / "tensorrt"),
-                                  compute_capability=(8, 9), trt=import_tensorrt("tensorrt_rtx")).engine
-    (tmp / "diffusion_models").mkdir()
-    save_file({"model.diffusion_model." + k: v for k, v in sd.items()}, str(tmp / "diffusion_models" / "tiny_kontext.safetensors"))
+    engine = tiny_fp8_engine(tmp, sd, "tiny_kontext.safetensors")
     saved = {k: folder_paths.folder_names_and_paths.get(k) for k in ("tensorrt", "diffusion_models")}
     folder_paths.folder_names_and_paths["tensorrt"] = ([str(tmp / "tensorrt")], {".engine", ".plan"})
     folder_paths.folder_names_and_paths["diffusion_models"] = ([str(tmp / "diffusion_models")], {".safetensors"})
@@ -133,8 +120,9 @@ def test_refusals(setup):
         backend_flux.forward_orig(*args, transformer_options={"patches_replace": {"dit": {("double_block", 0): None}}})
     with pytest.raises(errors, match="attention masks"):
         backend_flux.forward_orig(*args, attn_mask=torch.zeros(1))
-    with pytest.raises(errors, match="LoRA"):
-        loaded.clone().add_patches({"diffusion_model.img_in.weight": (torch.zeros(1),)}, 1.0)
+    lora_errors = sys.modules[type(backend_flux.lora).__module__].LoRAUnsupported
+    with pytest.raises(lora_errors, match="diff patch on double_blocks.0.img_attn.qkv.weight: that layer is FP8"):
+        loaded.clone().add_patches({"diffusion_model.double_blocks.0.img_attn.qkv.weight": (torch.zeros(1),)}, 1.0)
 
 
 def test_backend_choice_on_this_machine(setup, caplog):

@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 from quant_helpers import CFG, encoded_pairs
+from store_helpers import store_files
 
 pytest.importorskip("modelopt.torch.quantization")
 trt_rtx = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (tensorrt-rtx-cu12) builds engines on the CPU")
@@ -35,7 +36,7 @@ def build(sd, pairs, store, **kw):
 
 
 def files(store):
-    return sorted(p.name for p in store.root.iterdir())
+    return store_files(store.root)
 
 
 def test_real_engine_from_calibrated_fp8_model(sd, pairs, tmp_path):

@@ -109,7 +109,7 @@ def test_gpu_fa3_is_as_close_to_fp32_attention_as_the_triton_kernel(seq_len):
 @needs_fa3
 def test_gpu_fa3_promotes_p_v_so_flat_rows_keep_their_mean():
     # Stock FlashAttention-3 (every key's P x V in the FP8 MMA's accumulator) reads 0.978 of the mean at 2560
-    # keys, 0.863 at 8704 on an H100 (benchmarks/results/attention_speed_fa3_experiment_h100.json).
+    # keys, 0.863 at 8704 on an H100 (benchmarks/results/kernels/attention_speed_fa3_experiment_h100.json).
     q8, k8, v8, scales, exact = fp8_inputs(8704, flat=True)
     got = FA3FP8Attention(default_library())(q8, k8, v8, scales)
     assert abs(got.float().mean().item() / exact.mean().item() - 1) < 0.003

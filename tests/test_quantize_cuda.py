@@ -1,6 +1,6 @@
 """NVFP4 and SVDQuant NVFP4 (ModelOpt fake-quantizes them only on CUDA), on a tiny Kontext.
 
-Marked `cuda`; skipped without an NVIDIA GPU. Run on the lent H100 (see README for the results).
+Marked `cuda`; skipped without an NVIDIA GPU. Run on an H100 (the results: docs/accuracy.md).
 """
 import fnmatch
 

@@ -159,10 +159,13 @@ def test_the_engine_file_is_mapped_for_tensorrt_and_a_refused_one_is_named(tmp_p
 
     logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity: None})
     trt = SimpleNamespace(module=SimpleNamespace(Logger=logger, Runtime=Runtime), flavour="tensorrt")
-    meta = {"profiles": [named_profile("kontext_1ref").__dict__], "engine_sha256": "0" * 64,
-            "io": {name: {"dtype": "HALF"} for name in ENGINE_DTYPES}}
+    import hashlib
+
     engine = tmp_path / "kontext_fp8.engine"
     engine.write_bytes(b"serialized engine " * 1000)
+    meta = {"profiles": [named_profile("kontext_1ref").__dict__], "engine_bytes": engine.stat().st_size,
+            "engine_sha256": hashlib.sha256(engine.read_bytes()).hexdigest(),
+            "io": {name: {"dtype": "HALF"} for name in ENGINE_DTYPES}}
     backend = TensorRTBackend(engine, meta, trt, tiny_config())
     with pytest.raises(EngineMismatch, match="engine kontext_fp8.engine: TensorRT could not deserialize it"):
         backend._ensure_loaded()

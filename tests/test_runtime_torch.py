@@ -130,7 +130,11 @@ def test_backend_refuses_a_state_missing_attention_scales(calibrated_with_attent
     tensors = {k: v for k, v in load_file(str(state)).items() if k != "single_blocks.0.attention.v_bmm_quantizer._amax"}
     broken = tmp_path / "broken.safetensors"
     save_file(tensors, str(broken), metadata=meta)
-    with pytest.raises(BackendError, match=r"single_blocks.0.attention.v_bmm_quantizer._amax is missing"):
+    from engines.calibrated_state import CalibratedStateError
+
+    with pytest.raises(CalibratedStateError, match=r"broken.safetensors: expected an amax for each of the \d+ quantizers "
+                                                   r"recipe fp8 calibrates, got none for 1: \['single_blocks.0.attention"
+                                                   r".v_bmm_quantizer'\]"):
         load_fp8_transformer(sd.__getitem__, broken)
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("kontext_build_fp8_engine", "kontext_three_turn_edit_quantized", "kontext_three_turn_edit_compare")
+NAMES = ("kontext_build_fp8_engine", "kontext_three_turn_edit_quantized", "kontext_three_turn_edit_compare",
+         "kontext_three_turn_edit_lora")
 
 
 @pytest.mark.parametrize("name", NAMES)
