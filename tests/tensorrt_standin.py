@@ -176,25 +176,30 @@ def save_standin_engine(onnx_path: Path, store_root: Path, profiles: list[ShapeP
     (and the calibrated state beside it, named as the build names it; the sidecar names `checkpoint` as the source
     it was built from, with its fingerprint, as a build from that file does); returns (engine path, sidecar)."""
     from engines.engine_store import EngineRequest, EngineStore
+    from engines.scratch import Scratch
     from engines.source_weights import open_checkpoint
 
     proto = onnx.load(str(onnx_path))
     data = onnx_path.read_bytes()
-    source = {"name": None, "fingerprint": hashlib.sha256(data).hexdigest()}
+    fingerprint, source = hashlib.sha256(data).hexdigest(), {}
     if checkpoint is not None:
         with open_checkpoint(checkpoint) as weights:
-            source = weights.describe()
-    request = EngineRequest(model_fingerprint=source["fingerprint"], model_config=config.to_dict(),
-                            recipe=recipe.to_json(), profiles=tuple(p.to_dict() for p in profiles),
-                            calibration={"set": "tiny", "pairs": 3, "steps": 2}, tensorrt_flavour="tensorrt",
-                            tensorrt_version=STANDIN_VERSION, target="stand-in", pack_version="test")
+            source = {"source": weights.describe()}
+        fingerprint = source["source"]["fingerprint"]
+    calibration = {"set": "tiny", "pairs": 3, "steps": 2}
+    request = EngineRequest(model_fingerprint=fingerprint, model_config=config.to_dict(), recipe=recipe.to_json(),
+                            profiles=tuple(p.to_dict() for p in profiles), calibration=calibration,
+                            tensorrt_flavour="tensorrt", tensorrt_version=STANDIN_VERSION, target="stand-in",
+                            pack_version="test")
     io = {name: {"dtype": dtype, "shape": list(io_shapes(proto)[name])} for name, dtype in io_dtype_names(proto).items()}
-    metadata = dict(model_fingerprint=source["fingerprint"], source=source, model_config=config.to_dict(),
-                    recipe=json.loads(recipe.to_json()),
-                    profiles=[p.to_dict() for p in profiles], tensorrt={"flavour": "tensorrt", "version": STANDIN_VERSION},
-                    target="stand-in", io=io)
+    metadata = dict(model_fingerprint=fingerprint, **source, model_config=config.to_dict(),
+                    recipe=json.loads(recipe.to_json()), profiles=[p.to_dict() for p in profiles],
+                    calibration=calibration, tensorrt={"flavour": "tensorrt", "version": STANDIN_VERSION},
+                    target="stand-in", io=io, pack_version="test", built_at="2026-01-01T00:00:00+00:00")
     store = EngineStore(store_root)
-    path = store.save(request, data, metadata)
+    store.prepare()
+    with Scratch(store_root) as scratch:
+        path = store.save(request, data, metadata, scratch.path)
     if state is not None:
         (store_root / f"{path.stem}.calibration.safetensors").write_bytes(Path(state).read_bytes())
     return path, store.read_metadata(path)
