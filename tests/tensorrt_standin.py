@@ -181,24 +181,23 @@ def save_standin_engine(onnx_path: Path, store_root: Path, profiles: list[ShapeP
 
     proto = onnx.load(str(onnx_path))
     data = onnx_path.read_bytes()
-    fingerprint, source = hashlib.sha256(data).hexdigest(), {}
+    source = {"name": None, "format": "stand-in (the exported ONNX)", "fingerprint": hashlib.sha256(data).hexdigest()}
     if checkpoint is not None:
         with open_checkpoint(checkpoint) as weights:
-            source = {"source": weights.describe()}
-        fingerprint = source["source"]["fingerprint"]
-    calibration = {"set": "tiny", "pairs": 3, "steps": 2}
-    request = EngineRequest(model_fingerprint=fingerprint, model_config=config.to_dict(), recipe=recipe.to_json(),
-                            profiles=tuple(p.to_dict() for p in profiles), calibration=calibration,
-                            tensorrt_flavour="tensorrt", tensorrt_version=STANDIN_VERSION, target="stand-in",
-                            pack_version="test")
+            source = weights.describe()
+    request = EngineRequest(model_fingerprint=source["fingerprint"], model_config=config.to_dict(),
+                            recipe=recipe.to_json(), profiles=tuple(p.to_dict() for p in profiles),
+                            calibration={"set": "tiny", "pairs": 3, "steps": 2}, tensorrt_flavour="tensorrt",
+                            tensorrt_version=STANDIN_VERSION, target="stand-in", pack_version="test")
     io = {name: {"dtype": dtype, "shape": list(io_shapes(proto)[name])} for name, dtype in io_dtype_names(proto).items()}
-    metadata = dict(model_fingerprint=fingerprint, **source, model_config=config.to_dict(),
-                    recipe=json.loads(recipe.to_json()), profiles=[p.to_dict() for p in profiles],
-                    calibration=calibration, tensorrt={"flavour": "tensorrt", "version": STANDIN_VERSION},
-                    target="stand-in", io=io, pack_version="test", built_at="2026-01-01T00:00:00+00:00")
+    metadata = dict(model_fingerprint=source["fingerprint"], source=source, model_config=config.to_dict(),
+                    recipe=json.loads(recipe.to_json()),
+                    profiles=[p.to_dict() for p in profiles], tensorrt={"flavour": "tensorrt", "version": STANDIN_VERSION},
+                    target="stand-in", io=io, calibration=dict(request.calibration), pack_version="test",
+                    built_at="stand-in")
     store = EngineStore(store_root)
-    store.prepare()
-    with Scratch(store_root) as scratch:
+    store_root.mkdir(parents=True, exist_ok=True)
+    with Scratch(store_root) as scratch:  # the store writes through a build's scratch folder, as a build does
         path = store.save(request, data, metadata, scratch.path)
     if state is not None:
         (store_root / f"{path.stem}.calibration.safetensors").write_bytes(Path(state).read_bytes())
