@@ -44,6 +44,22 @@ def import_comfyui() -> Path:
     return path
 
 
+def sample_full_width(model, seed=0):
+    """Four euler steps of a 64x64 edit with a 64x64 reference latent through ComfyUI's own sampler, at CFG 1, with
+    FLUX's text widths (T5 4096, CLIP-L pooled 768): what the one-block full-width tests compare."""
+    import torch
+    import comfy.sample
+
+    g = torch.Generator().manual_seed(42)
+    reference = torch.randn(1, 16, 8, 8, generator=g)
+    cond = [[torch.randn(1, 16, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 2.5,
+                                                     "reference_latents": [reference]}]]
+    latent = torch.zeros(1, 16, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, 4, 1.0, "euler", "simple", cond, cond, latent, seed=seed,
+                               disable_pbar=True)
+
+
 sys.path.insert(0, str(ROOT / "scripts"))
 from comfyui_pack import load_pack_into_comfyui  # noqa: E402,F401  (shared with the workflow runner)
 from tiny_kontext import tiny_comfy_kontext  # noqa: E402,F401

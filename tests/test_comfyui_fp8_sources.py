@@ -13,7 +13,7 @@ import pytest
 import torch
 from checkpoint_files import fp8_scaled_state_dict, save
 
-from comfyui_checkout import import_comfyui, load_pack_into_comfyui
+from comfyui_checkout import import_comfyui, load_pack_into_comfyui, sample_full_width
 from engines import random_state_dict
 from engines.config import KontextConfig
 
@@ -101,17 +101,6 @@ def test_build_engine_records_the_fp8_scaled_file_it_was_built_from(comfy, built
     assert meta["model_fingerprint"] == meta["source"]["fingerprint"] == file_fingerprint(tmp / "diffusion_models" / FILE)
 
 
-def sample(model, seed=0):
-    import comfy.sample
-
-    g = torch.Generator().manual_seed(42)
-    reference = torch.randn(1, 16, 8, 8, generator=g)  # a 64x64 reference image's latent
-    cond = [[torch.randn(1, 16, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 2.5,
-                                                     "reference_latents": [reference]}]]
-    latent = torch.zeros(1, 16, 8, 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, 4, 1.0, "euler", "simple", cond, cond, latent, seed=seed,
-                               disable_pbar=True)
 
 
 def test_pytorch_backend_samples_like_comfyuis_own_fp8_scaled_model(comfy, original, built):
@@ -121,7 +110,7 @@ def test_pytorch_backend_samples_like_comfyuis_own_fp8_scaled_model(comfy, origi
     engine, _ = built
     loaded = pack["KontextTRT_LoadQuantized"].execute(engine, "pytorch", "(engine's source)", compile=False,
                                                       cuda_graph=False).result[0]
-    want, got = sample(original), sample(loaded)
+    want, got = sample_full_width(original), sample_full_width(loaded)
     cos, rel = output_error(want, got)
     # The same FP8 weights; the pack also runs activations and attention in FP8 (ComfyUI's CPU path computes them in
     # 16-bit) and, on 0.3.64, ComfyUI rounds the biases to FP8. The fp8 recipe's bound against a 16-bit model.

@@ -8,7 +8,7 @@ checkout (COMFYUI_PATH), skips with the reason otherwise.
 import pytest
 import torch
 
-from comfyui_checkout import import_comfyui, load_pack_into_comfyui
+from comfyui_checkout import import_comfyui, load_pack_into_comfyui, sample_full_width
 from engines import random_state_dict
 from engines.config import KontextConfig
 
@@ -59,17 +59,6 @@ def layers_of(path) -> set:
         return set(json.loads(f.metadata()["_quantization_metadata"])["layers"])
 
 
-def sample(model, seed=0):
-    import comfy.sample
-
-    g = torch.Generator().manual_seed(42)
-    reference = torch.randn(1, 16, 8, 8, generator=g)
-    cond = [[torch.randn(1, 16, 4096, generator=g), {"pooled_output": torch.randn(1, 768, generator=g), "guidance": 2.5,
-                                                     "reference_latents": [reference]}]]
-    latent = torch.zeros(1, 16, 8, 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, 4, 1.0, "euler", "simple", cond, cond, latent, seed=seed,
-                               disable_pbar=True)
 
 
 def test_stock_comfyui_runs_the_exported_checkpoint_like_the_pack(files):
@@ -90,7 +79,7 @@ def test_stock_comfyui_runs_the_exported_checkpoint_like_the_pack(files):
     ours = pack["KontextTRT_LoadQuantized"].execute("(none: an exported checkpoint alone)", "pytorch", EXPORTED,
                                                    compile=False, cuda_graph=False).result[0]
     original = nodes.UNETLoader().load_unet(SOURCE, "default")[0]
-    want, stock_out, ours_out = sample(original), sample(stock), sample(ours)
+    want, stock_out, ours_out = sample_full_width(original), sample_full_width(stock), sample_full_width(ours)
     cos_pack, rel_pack = output_error(stock_out, ours_out)
     cos_16, rel_16 = output_error(want, ours_out)
     cos_stock_16, rel_stock_16 = output_error(want, stock_out)
